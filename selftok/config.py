@@ -67,7 +67,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     if unknown:
         where = f" in section {prefix.rstrip('.')!r}" if prefix else ""
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!r}{where}; valid keys: {', '.join(sorted(fields))}")
+            f"unknown config key '{prefix}{unknown[0]}'{where}; valid keys: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
     try:
@@ -145,6 +145,11 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         return float(value)
