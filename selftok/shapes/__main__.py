@@ -1,0 +1,5 @@
+import sys
+
+from selftok.shapes.cli import main
+
+sys.exit(main())
