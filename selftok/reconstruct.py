@@ -1,0 +1,159 @@
+"""Reconstruct a folder of images through a Selftok tokenizer: side-by-side grids and PSNR.
+
+    python -m selftok.reconstruct tokenizer=runs/tok images=photos/ out=recon/
+    python -m selftok.reconstruct official=tokenizer_512_ckpt.pth official_yaml=256-eval.yml \
+        vae_path=/models/sd3-medium-diffusers images=photos/ out=recon/ decoder=diffusion steps=50
+
+Each image is resized (short side, bilinear) and centre-cropped to the tokenizer's image size, encoded,
+and decoded with the diffusion decoder and/or the renderer. Writes ``<name>.png`` (input | reconstructions,
+left to right) and ``psnr.json``: 8-bit PSNR per image and mean, against the input and — with SD3-VAE
+latents — against the VAE's own reconstruction (the official evaluation protocol).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from selftok.cli import parse_run_config, run_parser, setup_logging
+from selftok.config import to_dict
+from selftok.tokenizer import SelftokTokenizer
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass
+class ReconstructConfig:
+    images: str = ""
+    """Folder of input images (png, jpg, jpeg, webp, bmp)."""
+    out: str = ""
+    """Output folder for the grids and psnr.json."""
+    tokenizer: str | None = None
+    """A directory written by SelftokTokenizer.save_pretrained."""
+    official: str | None = None
+    """Or an official checkpoint (.pth), with official_yaml (optional) and vae_path."""
+    official_yaml: str | None = None
+    vae_path: str | None = None
+    """Local diffusers SD3 VAE directory (SD3-VAE tokenizers only)."""
+    decoder: Literal["auto", "diffusion", "renderer", "both"] = "auto"
+    """Which decoder(s) to run; auto = every one the checkpoint carries."""
+    steps: int = 50
+    """Diffusion decoder steps."""
+    batch_size: int = 4
+    seed: int = 0
+    """Seed of the diffusion decoder's starting noise."""
+    device: str = "cpu"
+    bf16: bool = False
+    """Run under bfloat16 autocast (the codebook lookup stays float32)."""
+
+    def __post_init__(self) -> None:
+        if not self.images or not self.out:
+            raise ValueError("images=<folder> and out=<folder> are required")
+        if (self.tokenizer is None) == (self.official is None):
+            raise ValueError("give exactly one of tokenizer=<dir> or official=<checkpoint.pth>")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be positive")
+
+
+def psnr_8bit(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Per-image PSNR of images in [0, 1] after 8-bit quantisation (``x·255 + 0.5``), over H×W×3."""
+    qa, qb = ((x.clamp(0, 1) * 255 + 0.5).floor().double() for x in (a, b))
+    mse = (qa - qb).pow(2).flatten(1).mean(1)
+    return [float("inf") if m == 0 else 20 * math.log10(255) - 10 * math.log10(float(m)) for m in mse]
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """RGB, short side resized to `size` (bilinear), centre crop: (3, size, size) in [0, 1]."""
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def save_grid(path: Path, columns: list[torch.Tensor]) -> None:
+    """Save images (3, H, W) side by side as one PNG."""
+    row = torch.cat([c.clamp(0, 1) for c in columns], dim=2)
+    Image.fromarray((row.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)).save(path)
+
+
+def load_tokenizer(cfg: ReconstructConfig) -> SelftokTokenizer:
+    if cfg.tokenizer is not None:
+        return SelftokTokenizer.from_pretrained(cfg.tokenizer, vae_path=cfg.vae_path)
+    return SelftokTokenizer.from_official(cfg.official, yaml_path=cfg.official_yaml, vae_path=cfg.vae_path)
+
+
+def decoders_to_run(tok: SelftokTokenizer, choice: str) -> list[str]:
+    available = [n for n, part in (("diffusion", tok.decoder), ("renderer", tok.renderer)) if part is not None]
+    wanted = available if choice in ("auto", "both") else [choice]
+    missing = [n for n in wanted if n not in available] + (["diffusion", "renderer"] if not available else [])
+    if missing or (choice == "both" and len(available) < 2):
+        raise ValueError(f"decoder={choice}: this tokenizer carries {available or 'no decoder'}")
+    return wanted
+
+
+def reconstruct_batch(tok: SelftokTokenizer, images: torch.Tensor, names: list[str], cfg: ReconstructConfig,
+                      generator: torch.Generator) -> dict[str, torch.Tensor]:
+    codes = tok.encode(images)
+    out = {}
+    for name in names:
+        out[name] = tok.decode(codes, cfg.steps, generator) if name == "diffusion" else tok.render(codes)
+    if tok.cfg.latent.kind == "sd3_vae":  # the official reference image: the VAE's own reconstruction
+        out["vae"] = tok.latents.decode(tok.latents.encode(images))
+    return {k: v.float().cpu() for k, v in out.items()}
+
+
+def run(cfg: ReconstructConfig) -> dict:
+    tok = load_tokenizer(cfg).to(cfg.device)
+    names = decoders_to_run(tok, cfg.decoder)
+    paths = sorted(p for p in Path(cfg.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {cfg.images}")
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
+    records = []
+    for start in tqdm(range(0, len(paths), cfg.batch_size), desc="reconstruct", unit="batch"):
+        batch = paths[start:start + cfg.batch_size]
+        images = torch.stack([load_image(p, tok.cfg.image_size) for p in batch]).to(cfg.device)
+        with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            recon = reconstruct_batch(tok, images, names, cfg, generator)
+        images = images.cpu()
+        scores = {n: psnr_8bit(recon[n], images) for n in names}
+        vae_scores = {n: psnr_8bit(recon[n], recon["vae"]) for n in names} if "vae" in recon else {}
+        for i, path in enumerate(batch):
+            save_grid(out_dir / f"{path.stem}.png", [images[i]] + [recon[n][i] for n in names])
+            rec = {"name": path.name, "psnr": {n: scores[n][i] for n in names}}
+            if vae_scores:
+                rec["psnr_vs_vae"] = {n: vae_scores[n][i] for n in names}
+            records.append(rec)
+    summary = {"mean_psnr": {n: float(np.mean([r["psnr"][n] for r in records])) for n in names}}
+    if records and "psnr_vs_vae" in records[0]:
+        summary["mean_psnr_vs_vae"] = {n: float(np.mean([r["psnr_vs_vae"][n] for r in records])) for n in names}
+    result = {**summary, "images": records, "config": to_dict(cfg), "steps": cfg.steps}
+    (out_dir / "psnr.json").write_text(json.dumps(result, indent=2))
+    log.info("reconstructed %d images into %s: %s", len(records), out_dir, summary)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    setup_logging()
+    parser = run_parser("selftok.reconstruct", "Reconstruct a folder of images: side-by-side grids + PSNR JSON.")
+    cfg, _ = parse_run_config(ReconstructConfig, parser, argv)
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
