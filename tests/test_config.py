@@ -76,7 +76,14 @@ def test_every_shipped_yaml_loads():
 
 
 # Run-config files are named after the job that reads them: <prefix>_<variant>.yaml.
-CONFIG_CLASSES = {}
+CONFIG_CLASSES = {
+    "tokenizer": "selftok.train:TrainConfig",
+    "renderer": "selftok.train:TrainConfig",
+    "pretokenize": "selftok.pretokenize:PretokenizeConfig",
+    "vlm": "vlm.train:TrainConfig",
+    "rl": "rl.train:RLConfig",
+    "demo": "scripts/demo.py:DemoConfig",
+}
 
 
 def _config_class_for(name: str):
@@ -86,4 +93,15 @@ def _config_class_for(name: str):
     if prefix not in CONFIG_CLASSES:
         raise AssertionError(f"configs/{name}: no run config registered for prefix {prefix!r} in {CONFIG_CLASSES}")
     module, cls = CONFIG_CLASSES[prefix].split(":")
+    if module.endswith(".py"):  # the demo orchestrator is a script, not a package module
+        import importlib.util
+
+        path = Path(__file__).resolve().parents[1] / module
+        spec = importlib.util.spec_from_file_location("demo_script", path)
+        mod = importlib.util.module_from_spec(spec)
+        import sys
+
+        sys.modules["demo_script"] = mod
+        spec.loader.exec_module(mod)
+        return getattr(mod, cls)
     return getattr(importlib.import_module(module), cls)
