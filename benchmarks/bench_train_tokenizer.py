@@ -1,0 +1,137 @@
+"""Training throughput of the tokenizer stages, and the fraction of the machine's bf16 matmul peak they reach.
+
+    python benchmarks/bench_train_tokenizer.py [--config configs/tokenizer_shapes.yaml] [--steps 20]
+        [--threads N] [--device cpu|cuda] [--out result.json]
+
+Both numbers come from the same run: first the bf16 matmul peak (large square matmuls), then `--steps` timed
+optimizer steps of stage 1 (encoder + quantizer + diffusion decoder) and of stage 2 (renderer, frozen encoder)
+on random latents with the config's shapes and batch sizes, after `--warmup` untimed steps. FLOPs per step are
+counted with ``torch.utils.flop_counter`` (forward + backward matmuls/attention), so
+``fraction_of_peak = FLOPs/step ÷ seconds/step ÷ peak``. On a GPU the peak memory is reported as well.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from selftok import objectives
+from selftok.config import load_config
+from selftok.tokenizer import SelftokTokenizer
+from selftok.train import Stage1Objective, Stage2Objective, TrainConfig, set_stage_modes, step_generator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def matmul_peak(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    """Achieved bf16 matmul FLOP/s on square matrices (the machine's practical peak)."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - t0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_step(cfg: TrainConfig, tok: SelftokTokenizer, stage: str, device: torch.device):
+    """A closure running one full optimizer step of `stage` on random latents."""
+    set_stage_modes(tok, stage)
+    scfg = cfg.stage1 if stage == "stage1" else cfg.stage2
+    B, C, L = scfg.batch_size, cfg.model.latent.channels, cfg.model.latent_size
+    latents = torch.randn(B, C, L, L, device=device).clamp(-1, 1)
+    module = Stage1Objective(tok, 0) if stage == "stage1" else Stage2Objective(tok)
+    params = [p for p in tok.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    counter = {"step": 0}
+
+    def step() -> None:
+        gen = step_generator(0, stage, counter["step"], 0)
+        with torch.autocast(device.type, torch.bfloat16):
+            if stage == "stage1":
+                fb = objectives.draw_flow_batch(tok.schedule.last_visible_at, tuple(latents.shape), tok.K, gen,
+                                                scfg.time_sampling, cfg.model.flow.shift, scfg.condition_dropout)
+                loss = module(latents, objectives.FlowBatch(*(x.to(device) for x in fb)), 1.0)[0]
+            else:
+                loss = (module(latents).float() - latents).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        counter["step"] += 1
+
+    return step, B
+
+
+def measure(step, batch: int, steps: int, warmup: int, device: torch.device) -> dict:
+    for _ in range(warmup):
+        step()
+    with FlopCounterMode(display=False) as fc:
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    seconds = (time.perf_counter() - t0) / steps
+    return {"seconds_per_step": seconds, "images_per_second": batch / seconds, "batch_size": batch,
+            "flops_per_step": fc.get_total_flops(), "achieved_flops": fc.get_total_flops() / seconds}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "tokenizer_shapes.yaml"))
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. stage1.batch_size=8")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    torch.manual_seed(0)
+    tok = SelftokTokenizer(cfg.model).to(device)
+    for part in (tok.encoder, tok.decoder, tok.renderer):
+        if part is not None:
+            part.gradient_checkpointing = args.gradient_checkpointing
+    peak = matmul_peak(device)
+    result = {"config": args.config, "overrides": args.overrides, "device": str(device),
+              "threads": torch.get_num_threads(), "bf16_matmul_peak_flops": peak,
+              "params": {n: sum(q.numel() for q in getattr(tok, n).parameters())
+                         for n in ("encoder", "quantizer", "decoder", "renderer") if getattr(tok, n) is not None}}
+    for stage, part in (("stage1", tok.decoder), ("stage2", tok.renderer)):
+        if part is None:
+            continue
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        step, batch = make_step(cfg, tok, stage, device)
+        r = measure(step, batch, args.steps, args.warmup, device)
+        r["fraction_of_peak"] = r["achieved_flops"] / peak
+        if device.type == "cuda":
+            r["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        result[stage] = r
+        print(f"{stage}: {r['images_per_second']:.1f} images/s ({r['seconds_per_step']:.3f} s/step, batch {batch}), "
+              f"{r['achieved_flops'] / 1e9:.1f} GFLOP/s = {100 * r['fraction_of_peak']:.1f}% of the "
+              f"{peak / 1e9:.0f} GFLOP/s bf16 matmul peak")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

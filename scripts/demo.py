@@ -1,0 +1,624 @@
+#!/usr/bin/env python
+"""The embedded default: one command runs the whole pipeline on the shapes world and writes a report.
+
+    python scripts/demo.py [--smoke] [--force] [--out DIR] [--config YAML] [key.sub=value ...]
+    scripts/demo.sh --smoke                  # the same, after creating/reusing .venv and installing the project
+
+Stages, in order; each runs the documented command line of its package in a subprocess (docs/demo.md):
+
+    shapes       python -m selftok.shapes prompts / export    the held-out prompt list, scenes to look at
+    tokenizer    python -m selftok.train                      stage 1 (encoder, codebook, decoder) + stage 2 (renderer)
+    pretokenize  python -m selftok.pretokenize                uint16 token shards of the training scenes
+    vlm          python -m vlm.train                          text→image and image→text
+    vlm_eval     python -m vlm.generate evaluate              held-out prompts → images → evaluator; captions
+    rl           python -m rl.train                           GRPO with the program evaluator as reward
+    rl_eval      python -m vlm.generate evaluate              the same prompts and seeds again
+    report       (here)                                       report.md, report.json, PNG grids
+
+Re-running: a stage that finished left ``stages/<name>.done.json`` (fingerprint of its settings and inputs, and
+size + sha256 of every output file); it is reused when the fingerprint matches and every output is intact. A
+stage that was interrupted (``stages/<name>.started.json`` with the same fingerprint, no done record) is run
+again in place, and its command resumes from its own checkpoints. A stage whose output is missing or broken,
+whose settings or inputs changed, or that comes after a stage that ran, is redone from scratch (its folder is
+emptied first) with a message saying why. ``--force`` redoes every stage.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import datetime
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selftok.config import ConfigError, apply_overrides, load_config, to_dict
+
+log = logging.getLogger("demo")
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = "configs/demo.yaml"
+SMOKE_CONFIG = "configs/demo_smoke.yaml"
+DEFAULT_OUT = "runs/demo"
+SMOKE_OUT = "runs/demo-smoke"
+#: exit status when a stage's command does not exist yet (distinct from a stage that failed)
+EXIT_UNAVAILABLE = 3
+EXIT_FAILED = 1
+HEARTBEAT_S = 60.0
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclasses.dataclass
+class StageSettings:
+    """One stage's own run config: its YAML (under configs/) plus dotted overrides. The demo adds the keys
+    that wire stages together (output folders, input paths); see `wiring`."""
+
+    config: str = ""
+    """Base YAML of the stage's command, relative to the repository root."""
+    overrides: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ShapesSettings:
+    preview: int = 64
+    """Training scenes exported for the report's look at the world."""
+    heldout: int = 96
+    """Held-out scenes exported (the same scenes `vlm.generate evaluate` captions)."""
+    seed: int = 0
+    """Seed of the exported scene streams (`vlm.generate evaluate` captions the held-out stream of seed 0)."""
+
+    def __post_init__(self) -> None:
+        if self.preview < 1 or self.heldout < 1:
+            raise ValueError("shapes.preview and shapes.heldout must be >= 1")
+
+
+@dataclasses.dataclass
+class EvaluateSettings:
+    """`python -m vlm.generate evaluate` flags, identical before and after RL (same prompts and seeds)."""
+
+    n_per_prompt: int = 4
+    """Images per held-out prompt (96 prompts)."""
+    n_captions: int = 96
+    """Held-out scenes captioned (0 = skip)."""
+    batch_size: int = 32
+    extra_args: list[str] = dataclasses.field(default_factory=list)
+    """Further flags, e.g. ["--cfg-scale", "3"] (see docs/generation.md)."""
+
+    def __post_init__(self) -> None:
+        if self.n_per_prompt < 1 or self.n_captions < 0 or self.batch_size < 1:
+            raise ValueError("evaluate.n_per_prompt and batch_size must be >= 1, n_captions >= 0")
+
+
+@dataclasses.dataclass
+class ReportSettings:
+    grid_prompts: int = 12
+    """Held-out prompts shown before/after RL (an even spread over the 96, so every category appears)."""
+    caption_examples: int = 12
+    """Captioned held-out scenes shown beside their images."""
+    scale: int = 2
+    """Nearest-neighbour upscaling of the 64-px images in the grids."""
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """The whole demo (configs/demo.yaml, configs/demo_smoke.yaml)."""
+
+    name: str = "demo"
+    threads: int | None = None
+    """CPU threads of every stage (OMP_NUM_THREADS / MKL_NUM_THREADS of its process); None = torch's default
+    (all cores). 1 is much faster for tiny models on a busy machine: oversubscribed OpenMP threads make small
+    ops up to ~40× slower (measured with the smoke VLM at load 12 on 2 cores)."""
+    shapes: ShapesSettings = dataclasses.field(default_factory=ShapesSettings)
+    tokenizer: StageSettings = dataclasses.field(default_factory=StageSettings)
+    pretokenize: StageSettings = dataclasses.field(default_factory=StageSettings)
+    vlm: StageSettings = dataclasses.field(default_factory=StageSettings)
+    evaluate: EvaluateSettings = dataclasses.field(default_factory=EvaluateSettings)
+    rl: StageSettings = dataclasses.field(default_factory=StageSettings)
+    report: ReportSettings = dataclasses.field(default_factory=ReportSettings)
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (or null), got {self.threads}")
+
+
+# ------------------------------------------------------------------------------------------------ stages
+@dataclasses.dataclass
+class Command:
+    """``python -m <module> <argv...>``, run from the repository root."""
+
+    module: str
+    argv: list[str]
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    """Also the key of its time in report.json (`timing.<name>`)."""
+    title: str
+    workdir: str
+    """Folder under the output directory that the stage owns; emptied before a fresh (re)do."""
+    outputs: list[str]
+    """Files or folders (relative to the output directory) recorded by size and sha256 and checked on re-run."""
+    required: list[str]
+    """Files that must exist when the stage's commands succeed."""
+    commands: list[Command] = dataclasses.field(default_factory=list)
+    configs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Resolved YAML configs written to configs/<key>.yaml and passed with --config."""
+    needs: list[str] = dataclasses.field(default_factory=list)
+    """Repository files (stage configs) the stage cannot run without."""
+
+
+def merged_config(settings: StageSettings, wiring: list[str]) -> dict[str, Any]:
+    """The stage's YAML with its overrides, then the demo's wiring (which always wins)."""
+    data = yaml.safe_load((REPO / settings.config).read_text()) or {}
+    return apply_overrides(data, list(settings.overrides) + wiring)
+
+
+def image_size(cfg: DemoConfig) -> int:
+    """The tokenizer's image side (its config's ``model.image_size``; 64 if the config does not say)."""
+    path = REPO / cfg.tokenizer.config
+    data = apply_overrides(yaml.safe_load(path.read_text()) or {}, cfg.tokenizer.overrides) if path.is_file() else {}
+    size = (data.get("model") or {}).get("image_size", 64)
+    return int(size)
+
+
+def wiring(out: Path, size: int) -> dict[str, list[str]]:
+    """The keys by which the demo chains the stages: each stage reads the previous stages' outputs, and the
+    training scenes are rendered at the tokenizer's image size."""
+    tok = out / "tokenizer" / "model"
+    return {
+        "tokenizer": [f"run.out_dir={out / 'tokenizer'}"],
+        "pretokenize": [f"tokenizer.path={tok}", f"output.dir={out / 'tokens'}", "data.kind=shapes",
+                        f"data.shapes.size={size}", f"data.transform.image_size={size}"],
+        "vlm": [f"output_dir={out / 'vlm'}", f"data.shards={out / 'tokens'}"],
+        "rl": [f"output_dir={out / 'rl'}", f"policy.vlm_path={out / 'vlm' / 'final'}",
+               f"policy.tokenizer_path={tok}"],
+    }
+
+
+def shapes_stage(cfg: DemoConfig, out: Path, size: int) -> Stage:
+    s, root = cfg.shapes, out / "shapes"
+    common = ["--seed", str(s.seed), "--size", str(size)]
+    return Stage(
+        "shapes", "export the shapes world", "shapes", ["shapes"],
+        ["shapes/heldout_prompts.jsonl", "shapes/train_preview/metadata.jsonl", "shapes/heldout/metadata.jsonl"],
+        commands=[
+            Command("selftok.shapes", ["prompts", "--split", "heldout", "--out", str(root / "heldout_prompts.jsonl")]),
+            Command("selftok.shapes", ["prompts", "--split", "heldout", "--format", "txt",
+                                       "--out", str(root / "heldout_prompts.txt")]),
+            Command("selftok.shapes", ["export", "--split", "train", "--n", str(s.preview),
+                                       "--out", str(root / "train_preview"), *common]),
+            Command("selftok.shapes", ["export", "--split", "heldout", "--n", str(s.heldout),
+                                       "--out", str(root / "heldout"), *common])])
+
+
+def training_stage(name: str, title: str, module: str, settings: StageSettings, wires: list[str],
+                   workdir: str, outputs: list[str], required: list[str], out: Path) -> Stage:
+    """A `python -m module --config configs/<name>.yaml` stage (the merged config is written at run time)."""
+    path = out / "configs" / f"{name}.yaml"
+    have = (REPO / settings.config).is_file()
+    return Stage(name, title, workdir, outputs, required, commands=[Command(module, ["--config", str(path)])],
+                 configs={name: merged_config(settings, wires)} if have else {}, needs=[settings.config])
+
+
+def evaluate_stage(name: str, title: str, model: str, cfg: DemoConfig, out: Path) -> Stage:
+    e = cfg.evaluate
+    argv = ["evaluate", "--model", str(out / model), "--tokenizer", str(out / "tokenizer" / "model"),
+            "--out", str(out / name), "--n-per-prompt", str(e.n_per_prompt), "--n-captions", str(e.n_captions),
+            "--batch-size", str(e.batch_size), *e.extra_args]
+    return Stage(name, title, name, [name], [f"{name}/summary.json", f"{name}/t2i_report.json"],
+                 commands=[Command("vlm.generate", argv)])
+
+
+def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
+    size = image_size(cfg)
+    w = wiring(out, size)
+    return [
+        shapes_stage(cfg, out, size),
+        training_stage("tokenizer", "train the tokenizer (stage 1) and its renderer (stage 2)", "selftok.train",
+                       cfg.tokenizer, w["tokenizer"], "tokenizer", ["tokenizer/model", "tokenizer/eval"],
+                       ["tokenizer/model/model.safetensors", "tokenizer/model/config.yaml"], out),
+        training_stage("pretokenize", "pre-tokenize the training scenes", "selftok.pretokenize", cfg.pretokenize,
+                       w["pretokenize"], "tokens", ["tokens/manifest.json", "tokens/*.parquet"],
+                       ["tokens/manifest.json"], out),
+        training_stage("vlm", "train the VLM (text→image + image→text)", "vlm.train", cfg.vlm, w["vlm"], "vlm",
+                       ["vlm/final", "vlm/metrics.jsonl"], ["vlm/final/vocab.json", "vlm/final/config.json"], out),
+        evaluate_stage("vlm_eval", "generate for the held-out prompts, caption held-out scenes, evaluate",
+                       "vlm/final", cfg, out),
+        training_stage("rl", "GRPO on the train prompts (reward: the program evaluator)", "rl.train", cfg.rl,
+                       w["rl"], "rl", ["rl/final", "rl/metrics.jsonl"], ["rl/final/vocab.json", "rl/final/config.json"],
+                       out),
+        evaluate_stage("rl_eval", "generate and evaluate again (same prompts and seeds)", "rl/final", cfg, out),
+    ]
+
+
+STAGE_NAMES = ("shapes", "tokenizer", "pretokenize", "vlm", "vlm_eval", "rl", "rl_eval")
+
+
+def unavailable(stage: Stage) -> str | None:
+    """Why a stage cannot run in this checkout (its module or config is missing), or None."""
+    for command in stage.commands:
+        try:
+            found = importlib.util.find_spec(command.module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            return f"its command `python -m {command.module}` does not exist in this checkout"
+    missing = [n for n in stage.needs if not (REPO / n).is_file()]
+    if missing:
+        return f"its config {', '.join(missing)} does not exist in this checkout"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ records
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def output_files(out: Path, patterns: list[str]) -> list[Path]:
+    """Every file under the output patterns (folders recursively), leftovers named *.tmp excluded."""
+    files: set[Path] = set()
+    for pattern in patterns:
+        for hit in out.glob(pattern):
+            items = [hit] if hit.is_file() else [p for p in hit.rglob("*") if p.is_file()]
+            files.update(p for p in items if not p.name.endswith(".tmp") and ".tmp" not in p.parent.name)
+    return sorted(files)
+
+
+def digest_outputs(out: Path, patterns: list[str]) -> dict[str, dict[str, Any]]:
+    return {str(p.relative_to(out)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in output_files(out, patterns)}
+
+
+def check_outputs(out: Path, recorded: dict[str, dict[str, Any]]) -> str | None:
+    """None when every recorded output is present and unchanged, else what is wrong (first problems)."""
+    problems = []
+    for name, meta in recorded.items():
+        path = out / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != meta["size"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, {meta['size']} when the stage finished "
+                            "(truncated or overwritten)")
+        elif sha256_file(path) != meta["sha256"]:
+            problems.append(f"{name} changed since the stage finished (sha256 differs)")
+        if len(problems) == 3:
+            break
+    if not recorded:
+        problems.append("the completion record lists no outputs")
+    return "; ".join(problems) or None
+
+
+def fingerprint(stage: Stage, upstream: list[str]) -> str:
+    """What the stage's result depends on: its commands, its resolved configs and its inputs' digests."""
+    data = {"stage": stage.name, "commands": [dataclasses.asdict(c) for c in stage.commands],
+            "configs": stage.configs, "upstream": upstream}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class Decision:
+    action: str
+    """reuse | run | resume | redo"""
+    reason: str = ""
+
+
+def decide(stage: Stage, fp: str, records: Path, out: Path, force: bool, ran_before: str | None) -> Decision:
+    """Reuse, run fresh, resume in place, or redo from scratch — and why."""
+    done = read_json(records / f"{stage.name}.done.json")
+    started = read_json(records / f"{stage.name}.started.json")
+    if force:
+        return Decision("redo", "--force")
+    if done is not None:
+        if ran_before is not None:
+            return Decision("redo", f"the earlier stage {ran_before!r} ran again, so its inputs are new")
+        if done.get("fingerprint") != fp:
+            return Decision("redo", "its settings or inputs changed since it finished")
+        problem = check_outputs(out, done.get("outputs", {}))
+        if problem is not None:
+            return Decision("redo", f"its output is missing or broken: {problem}")
+        return Decision("reuse", f"finished {done.get('finished', '?')} in {done.get('seconds', 0):.1f} s")
+    if started is not None and started.get("failed"):
+        # a failure may have left state its command refuses or repeats (e.g. a config pinned by older code)
+        return Decision("redo", "its last attempt failed; starting it from scratch")
+    if started is not None and ran_before is None and started.get("fingerprint") == fp:
+        return Decision("resume", "its last attempt was interrupted; its command resumes from its own checkpoints")
+    if started is not None or (out / stage.workdir).exists():
+        why = (f"the earlier stage {ran_before!r} ran again" if ran_before is not None
+               else "partial output from other settings")
+        return Decision("redo", f"{why}; starting it from scratch")
+    return Decision("run")
+
+
+# ------------------------------------------------------------------------------------------------ running
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the demo process dies, so a killed demo leaves no orphan stage."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def last_line(path: Path) -> str:
+    """The newest progress line of a log (tqdm bars end with carriage returns)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [s.strip() for s in tail.replace("\r", "\n").split("\n") if s.strip()]
+    return lines[-1][:160] if lines else ""
+
+
+def run_command(command: Command, log_path: Path, verbose: bool, label: str,
+                tick: Callable[[], None] | None = None, threads: int | None = None) -> int:
+    """Run one command (stdout + stderr appended to `log_path`, and echoed with --verbose). Without
+    --verbose a heartbeat line shows the stage's latest progress line every minute; `tick` is called every
+    few seconds (it keeps the stage's elapsed time on disk, so an interrupted stage's time is not lost)."""
+    argv = [sys.executable, "-m", command.module, *command.argv]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    with open(log_path, "ab") as logf:
+        logf.write(f"\n$ {' '.join(argv)}\n".encode())
+        logf.flush()
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)  # noqa: PLW1509 - no other thread runs yet
+        pump = threading.Thread(target=_pump, args=(proc.stdout, logf, verbose), daemon=True)
+        pump.start()
+        start = last_tick = time.monotonic()
+        beats = 0
+        try:
+            while proc.poll() is None:
+                time.sleep(0.2)
+                elapsed = time.monotonic() - start
+                if not verbose and elapsed >= HEARTBEAT_S * (beats + 1):
+                    beats += 1
+                    log.info("   %s: running for %s … %s", label, fmt_seconds(elapsed), last_line(log_path))
+                if tick is not None and time.monotonic() - last_tick >= 5:
+                    tick()
+                    last_tick = time.monotonic()
+        except BaseException:
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+            if proc.poll() is None:
+                proc.kill()
+            raise
+        finally:
+            pump.join(timeout=5)
+    return proc.returncode
+
+
+def _pump(stream, logf, verbose: bool) -> None:
+    for chunk in iter(lambda: stream.read1(4096), b""):
+        logf.write(chunk)
+        logf.flush()
+        if verbose:
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.buffer.flush()
+
+
+def fmt_seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else f"{int(s // 60)} min {int(s % 60):02d} s"
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def write_configs(stage: Stage, out: Path) -> None:
+    for key, data in stage.configs.items():
+        path = out / "configs" / f"{key}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def execute(stage: Stage, out: Path, verbose: bool, label: str, tick: Callable[[], None] | None = None,
+            threads: int | None = None) -> None:
+    """Run the stage's commands and check that its required files exist."""
+    write_configs(stage, out)
+    log_path = out / "logs" / f"{stage.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    (out / stage.workdir).mkdir(parents=True, exist_ok=True)
+    for command in stage.commands:
+        rc = run_command(command, log_path, verbose, label, tick, threads)
+        if rc != 0:
+            tail = "\n".join("      " + ln for ln in log_tail(log_path, 15))
+            raise StageFailed(f"stage {stage.name!r} failed: `python -m {command.module}` exited with status {rc}."
+                              f" Full log: {log_path}\n{tail}")
+    missing = [r for r in stage.required if not list(out.glob(r))]
+    if missing:
+        raise StageFailed(f"stage {stage.name!r} finished but did not write {', '.join(missing)} "
+                          f"(log: {log_path})")
+
+
+def log_tail(path: Path, n: int) -> list[str]:
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    lines = [ln for ln in text.replace("\r", "\n").split("\n") if ln.strip()]
+    return lines[-n:]
+
+
+def clear_workdir(out: Path, stage: Stage) -> None:
+    target = (out / stage.workdir).resolve()
+    if out.resolve() not in target.parents:
+        raise RuntimeError(f"refusing to delete {target}: not inside {out}")
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+
+
+def now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def run_stage(stage: Stage, decision: Decision, fp: str, out: Path, later: list[Stage], verbose: bool,
+              label: str, threads: int | None = None) -> dict[str, Any]:
+    """Execute one stage and leave its completion record; returns the record. `seconds` adds up the time of
+    every attempt (an interrupted attempt's time is kept in the started record)."""
+    records = out / "stages"
+    for other in [stage, *later]:  # their results (if any) no longer follow from their inputs
+        (records / f"{other.name}.done.json").unlink(missing_ok=True)
+    if decision.action == "redo":
+        clear_workdir(out, stage)
+    started_path = records / f"{stage.name}.started.json"
+    previous = (read_json(started_path) or {}) if decision.action == "resume" else {}
+    attempts, before = previous.get("attempts", 0) + 1, float(previous.get("seconds", 0.0))
+    start = time.monotonic()
+
+    def tick() -> None:
+        write_json(started_path, {"stage": stage.name, "fingerprint": fp, "started": now(), "attempts": attempts,
+                                  "seconds": before + time.monotonic() - start})
+
+    tick()
+    try:
+        execute(stage, out, verbose, label, tick, threads)
+    except StageFailed as e:
+        write_json(started_path, {**(read_json(started_path) or {}), "failed": str(e).split("\n")[0]})
+        raise
+    seconds = time.monotonic() - start
+    record = {"stage": stage.name, "title": stage.title, "fingerprint": fp, "finished": now(),
+              "seconds": before + seconds, "seconds_last_attempt": seconds, "attempts": attempts,
+              "commands": [" ".join(["python", "-m", c.module, *c.argv]) for c in stage.commands],
+              "configs": sorted(f"configs/{k}.yaml" for k in stage.configs),
+              "outputs": digest_outputs(out, stage.outputs)}
+    write_json(records / f"{stage.name}.done.json", record)
+    started_path.unlink(missing_ok=True)
+    return record
+
+
+def run_pipeline(cfg: DemoConfig, out: Path, force: bool = False, until: str | None = None, dry_run: bool = False,
+                 verbose: bool = False, report: Callable[[DemoConfig, Path, list[Stage]], None] | None = None) -> int:
+    """Run (or reuse) every stage in order, then write the report; returns the exit status."""
+    stages = build_stages(cfg, out)
+    names = [s.name for s in stages]
+    if until is not None and until not in names:
+        raise ValueError(f"--until {until!r}: not a stage; stages: {', '.join(names)}")
+    status, upstream, ran_before = 0, [], None
+    for i, stage in enumerate(stages):
+        label = f"{i + 1}/{len(stages)} {stage.name}"
+        why = unavailable(stage)
+        if why is not None:
+            log.error("%s: not available — %s. Stopping here (the stages before it are complete).", label, why)
+            status = EXIT_UNAVAILABLE
+            break
+        fp = fingerprint(stage, upstream)
+        decision = decide(stage, fp, out / "stages", out, force, ran_before)
+        if decision.action == "reuse":
+            log.info("%s: reused (%s)", label, decision.reason)
+            write_configs(stage, out)
+            record = read_json(out / "stages" / f"{stage.name}.done.json") or {}
+        elif dry_run:
+            log.info("%s: would %s%s", label, decision.action, f" — {decision.reason}" if decision.reason else "")
+            ran_before, record = ran_before or stage.name, {}
+        else:
+            verb = {"run": "start", "resume": "resume", "redo": "redo"}[decision.action]
+            log.info("%s: %s — %s%s", label, verb, stage.title, f" ({decision.reason})" if decision.reason else "")
+            try:
+                record = run_stage(stage, decision, fp, out, stages[i + 1:], verbose, label, cfg.threads)
+            except StageFailed as e:
+                log.error("%s", e)
+                log.error("fix the problem and re-run the same command: finished stages are reused")
+                status = EXIT_FAILED
+                break
+            log.info("%s: done in %s", label, fmt_seconds(record["seconds"]))
+            ran_before = ran_before or stage.name
+        upstream.append(hashlib.sha256(json.dumps(record.get("outputs", {}), sort_keys=True).encode()).hexdigest())
+        if stage.name == until:
+            log.info("stopping after %s (--until)", stage.name)
+            break
+    if not dry_run and report is not None:
+        start = time.monotonic()
+        report(cfg, out, stages)
+        log.info("report: written in %s — open %s", fmt_seconds(time.monotonic() - start), out / "report.md")
+    return status
+
+
+# ------------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python scripts/demo.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true",
+                   help=f"every stage with minimal sizes (about 3 minutes): {SMOKE_CONFIG}, output {SMOKE_OUT}")
+    p.add_argument("--force", action="store_true", help="redo every stage instead of reusing finished ones")
+    p.add_argument("--out", default=None, help=f"output folder (default {DEFAULT_OUT}; {SMOKE_OUT} with --smoke)")
+    p.add_argument("--config", default=None, help=f"demo config (default {DEFAULT_CONFIG})")
+    p.add_argument("--until", default=None, help="stop after this stage (then write the report of what exists)")
+    p.add_argument("--dry-run", action="store_true", help="only say which stages would be reused, resumed or redone")
+    p.add_argument("--verbose", action="store_true", help="echo every stage's own output (always in logs/)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="dotted overrides of the demo config, e.g. vlm.overrides=[optim.max_steps=100]")
+    return p
+
+
+def load_demo_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> DemoConfig:
+    path = args.config or (SMOKE_CONFIG if args.smoke else DEFAULT_CONFIG)
+    path = path if Path(path).is_absolute() or Path(path).exists() else str(REPO / path)
+    try:
+        return load_config(DemoConfig, path, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        parser.error(str(e))
+        raise  # unreachable
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[demo %(asctime)s] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+    cfg = load_demo_config(args, parser)
+    if args.until is not None and args.until not in STAGE_NAMES:
+        parser.error(f"--until {args.until!r}: not a stage; stages: {', '.join(STAGE_NAMES)}")
+    out = Path(args.out or (SMOKE_OUT if args.smoke else DEFAULT_OUT)).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("%s → %s (log of every stage in %s)", cfg.name, out, out / "logs")
+    write_json(out / "configs" / "demo.json", {"config": to_dict(cfg), "argv": sys.argv[1:] if argv is None
+                                               else list(argv)})
+    from demo_report import write_report
+
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`: stop the running stage cleanly, like Ctrl-C
+    try:
+        return run_pipeline(cfg, out, args.force, args.until, args.dry_run, args.verbose, write_report)
+    except KeyboardInterrupt:
+        log.error("interrupted; re-run the same command to resume (finished stages are reused)")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,685 @@
+"""Train a Selftok tokenizer (stage 1) and its one-step renderer (stage 2) with accelerate.
+
+    python -m selftok.train --config configs/tokenizer_shapes.yaml [key.sub=value ...]
+    accelerate launch -m selftok.train --config configs/tokenizer_official_512.yaml
+
+Stage 1 trains the encoder, the quantizer (EMA codebook) and the MMDiT diffusion decoder with the
+rectified-flow velocity loss; stage 2 freezes encoder and codebook and trains the renderer to predict the
+clean latent in one pass (initialised from the stage-1 decoder). A config runs either stage or both in
+sequence (``stage1.steps`` / ``stage2.steps``; 0 skips a stage). Run directory::
+
+    out_dir/config.yaml                     the pinned config (a resume with a different one is refused)
+    out_dir/stage1/checkpoints/step_N/      accelerate state: model, optimizer, scheduler, RNG
+    out_dir/stage1/model/                   the stage-1 tokenizer (model.safetensors + config.yaml)
+    out_dir/stage2/...                      the same for the renderer stage
+    out_dir/model/                          the final tokenizer (decoder and/or renderer)
+    out_dir/eval/<stage>_step<N>.json|png   held-out metrics and reconstruction grids
+    out_dir/tb/                             TensorBoard
+
+Re-running the same command resumes from the newest checkpoint and ends with the same weights (bitwise on
+CPU) as an uninterrupted run: every random draw of step N comes from a generator seeded by (seed, N, rank),
+and the batch of step N is a pure function of (seed, N).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from selftok import flow, objectives
+from selftok.cli import parse_run_config, run_parser, setup_logging
+from selftok.config import ConfigError, to_dict
+from selftok.data import DataConfig
+from selftok.layers import crop_pos_embed
+from selftok.runs import check_finite, checkpoint_step, latest_checkpoint, pin_run_config, save_checkpoint
+from selftok.tokenizer import SelftokTokenizer, TokenizerConfig
+from selftok.train_data import DataStream, DataStreamConfig, RejectGuard, build_source
+from selftok.train_eval import EvalConfig, HeldOut, evaluate_stage
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+log = logging.getLogger(__name__)
+
+STAGES = ("stage1", "stage2")
+
+
+# ------------------------------------------------------------------------------------------------ configs
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule of one stage (official: betas 0.9/0.99, no decay, constant LR)."""
+
+    lr: float = 5e-5
+    """Stage 1: encoder + quantizer LR (official ``init_lr``). Stage 2: the renderer's token stream and
+    everything else not in the image stream."""
+    image_lr: float = 1e-5
+    """Decoder/renderer image stream (``x_block*``, ``x_embedder*``, renderer mask token and positional
+    embedding) — official ``dit_lr``."""
+    token_lr: float = 5e-5
+    """Stage 1: the rest of the decoder (context stream, embedders, final layer) — official ``token_lr``."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    """Linear warm-up from 0 (the official recipe has none)."""
+    decay: Literal["constant", "cosine", "linear"] = "constant"
+    """LR after warm-up: constant (official) or decayed to `final_lr_fraction` at the last step."""
+    final_lr_fraction: float = 0.1
+    grad_clip: float = 0.0
+    """Clip the global grad norm to this value; 0 = off (official)."""
+
+    def __post_init__(self) -> None:
+        if min(self.lr, self.image_lr, self.token_lr) < 0 or self.warmup_steps < 0:
+            raise ValueError("learning rates and warmup_steps must be non-negative")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise ValueError(f"final_lr_fraction must lie in [0, 1], got {self.final_lr_fraction}")
+
+
+@dataclass
+class Stage1Config:
+    """Stage 1: encoder + quantizer + diffusion decoder."""
+
+    steps: int = 0
+    """Optimizer steps; 0 skips the stage."""
+    batch_size: int = 48
+    """Images per process per step (official 48/GPU at 256 px)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    condition_dropout: float = 0.1
+    """Fraction of samples whose tokens are all hidden (classifier-free training)."""
+    time_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    """t ~ U(0, 1) (what the official code does) or sigmoid(N(logit_mean, logit_std))."""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    continuous_steps: int = 0
+    """Steps during which the quantizer is bypassed (official ``continuous``: 2000); the codebook is
+    initialised by k-means on the first quantized step, from features that are already image-dependent."""
+    ramp_steps: int = 0
+    """Then the straight-through offset grows linearly from 0 to 1 over this many steps."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError("stage1.steps must be >= 0 and stage1.batch_size >= 1")
+        if not 0 <= self.condition_dropout < 1:
+            raise ValueError(f"stage1.condition_dropout must lie in [0, 1), got {self.condition_dropout}")
+
+
+@dataclass
+class Stage2Config:
+    """Stage 2: the one-step renderer, encoder and codebook frozen."""
+
+    steps: int = 0
+    batch_size: int = 48
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, image_lr=1e-4))
+    init_from_decoder: bool = True
+    """Copy the stage-1 decoder's shared weights (joint blocks, embedders, final layer) into the renderer."""
+    mse_weight: float = 1.0
+    """Latent MSE."""
+    l1_weight: float = 0.0
+    """Latent L1 (pulls towards the conditional median: sharper edges than MSE)."""
+    gradient_weight: float = 0.0
+    """Edge term: L1 between image gradients in pixel space (pixel latents only)."""
+    perceptual_weight: float = 0.0
+    """Perceptual (LPIPS-style VGG) term in pixel space; needs `perceptual_weights`."""
+    perceptual_weights: str | None = None
+    """Local VGG16 (+ optional LPIPS linear heads) weights; nothing is downloaded."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError("stage2.steps must be >= 0 and stage2.batch_size >= 1")
+        if self.perceptual_weight and not self.perceptual_weights:
+            raise ValueError("stage2.perceptual_weight > 0 needs stage2.perceptual_weights (a local file)")
+
+
+@dataclass
+class InitConfig:
+    """Where the weights start from (local paths only)."""
+
+    tokenizer: str | None = None
+    """A tokenizer to start from: a `save_pretrained` directory, or an official ``.pth`` checkpoint (then
+    `official_yaml` may give its YAML). Stage 2 of the official renderer recipe starts here."""
+    official_yaml: str | None = None
+    sd3_mmdit: str | None = None
+    """SD3-medium ``sd3_medium.safetensors``: initialise the decoder's image stream from it (stage 1)."""
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/tokenizer"
+    seed: int = 0
+    mixed_precision: Literal["bf16", "no"] = "bf16"
+    """bf16 autocast (fp32 master weights); never fp16 (unusable on CPU, not the official recipe)."""
+    cpu: bool = False
+    """Force CPU even when a GPU is visible."""
+    gradient_checkpointing: bool = False
+    num_threads: int | None = None
+    """torch intra-op threads (CPU); None = torch's default."""
+    log_every: int = 25
+    checkpoint_every: int = 500
+    """Steps between checkpoints; 0 = only at the end of each stage."""
+    keep_checkpoints: int = 2
+    compile: bool = False
+    """torch.compile the trained module (≈1.1–1.4× on CPU after a ~20 s compile)."""
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """A whole tokenizer training run (one YAML file)."""
+
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stream: DataStreamConfig = field(default_factory=DataStreamConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+
+    def __post_init__(self) -> None:
+        if self.stage1.steps and self.model.decoder is None:
+            raise ValueError("stage1.steps > 0 trains the diffusion decoder, but model.decoder is null")
+        if self.stage2.steps and self.model.renderer is None:
+            raise ValueError("stage2.steps > 0 trains the renderer, but model.renderer is null")
+        pixel_terms = self.stage2.gradient_weight or self.stage2.perceptual_weight
+        if pixel_terms and self.model.latent.kind != "pixel":
+            raise ValueError("stage2.gradient_weight / perceptual_weight need pixel latents (model.latent.kind: "
+                             "pixel); with VAE latents use the latent MSE / L1 terms")
+        if self.data.transform.image_size != self.model.image_size:
+            raise ValueError(f"data.transform.image_size {self.data.transform.image_size} differs from "
+                             f"model.image_size {self.model.image_size}")
+
+
+# ------------------------------------------------------------------------------------------------ pure helpers
+def lr_factor(step: int, total: int, optim: OptimConfig) -> float:
+    """Multiplier of the base LRs at `step` (0-based): linear warm-up, then constant / cosine / linear decay
+    to `final_lr_fraction` at the last step."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.decay == "constant" or total <= optim.warmup_steps + 1:
+        return 1.0
+    progress = (step - optim.warmup_steps) / (total - optim.warmup_steps - 1)
+    floor = optim.final_lr_fraction
+    if optim.decay == "linear":
+        return 1.0 - (1.0 - floor) * progress
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Generator:
+    """The generator of every random draw of (stage, step, rank): resuming needs no saved RNG state."""
+    key = hashlib.sha256(f"{seed}:{stage}:{step}:{rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+
+
+def is_image_stream(name: str) -> bool:
+    """Decoder/renderer parameters of the image stream (official ``dit_lr`` group)."""
+    return (name.startswith(("x_embedder.", "mask_token", "positional_embedding")) or ".x_block." in name)
+
+
+def stage1_param_groups(tok: SelftokTokenizer, optim: OptimConfig) -> list[dict]:
+    """Encoder + quantizer (lr), decoder image stream (image_lr), rest of the decoder (token_lr)."""
+    image, token = [], []
+    for name, p in tok.decoder.named_parameters():
+        (image if is_image_stream(name) else token).append(p)
+    encoder = list(tok.encoder.parameters()) + list(tok.quantizer.parameters())
+    return [{"name": "encoder", "params": encoder, "lr": optim.lr},
+            {"name": "decoder_image", "params": image, "lr": optim.image_lr},
+            {"name": "decoder_token", "params": token, "lr": optim.token_lr}]
+
+
+def stage2_param_groups(tok: SelftokTokenizer, optim: OptimConfig) -> list[dict]:
+    """Renderer image stream (image_lr) and the rest of the renderer (lr)."""
+    image, rest = [], []
+    for name, p in tok.renderer.named_parameters():
+        (image if is_image_stream(name) else rest).append(p)
+    return [{"name": "renderer_image", "params": image, "lr": optim.image_lr},
+            {"name": "renderer_token", "params": rest, "lr": optim.lr}]
+
+
+def renderer_init_from_decoder(renderer: nn.Module, decoder: nn.Module) -> list[str]:
+    """Copy the decoder weights the renderer shares (time and context embedders, joint blocks, final layer).
+
+    The decoder's final layer predicts the velocity ε − x0; at t = 1 from x_t = 0 its clean-latent estimate
+    is x_t − t·v = −v, so the renderer's final linear is the decoder's negated (it starts as the decoder's
+    one-step x0 guess instead of its opposite). The image-stream input (mask token, positional embedding)
+    has no decoder counterpart; it starts from the decoder's position table. Returns the copied names."""
+    src = decoder.state_dict()
+    dst = renderer.state_dict()
+    copied = []
+    for name, value in dst.items():
+        if name in src and src[name].shape == value.shape and name not in ("pos_embed",):
+            value.copy_(src[name])
+            copied.append(name)
+    with torch.no_grad():
+        renderer.final_layer.linear.weight.neg_()
+        renderer.final_layer.linear.bias.neg_()
+        grid = renderer.grid
+        table = crop_pos_embed(decoder.pos_embed, decoder.grid, grid, grid)[0]
+        renderer.positional_embedding.copy_(table.to(renderer.positional_embedding.dtype))
+        renderer.mask_token.copy_(decoder.x_embedder.proj.bias.to(renderer.mask_token.dtype).expand_as(renderer.mask_token))
+    return copied
+
+
+# ------------------------------------------------------------------------------------------------ trained modules
+class Stage1Objective(nn.Module):
+    """Encoder → quantizer (training path) → decoder velocity loss; the module accelerate wraps in stage 1."""
+
+    def __init__(self, tok: SelftokTokenizer, seed: int):
+        super().__init__()
+        self.tok = tok
+        self.seed = seed
+
+    def forward(self, latents: Tensor, fb: objectives.FlowBatch, mix: float) -> tuple[Tensor, Tensor, dict]:
+        """latents (B, C, H, W) → (loss, per-sample velocity MSE (B,) detached, quantizer metrics)."""
+        tok = self.tok
+        q = tok.quantizer(tok.encoder(latents), mix=mix, seed=self.seed)
+        visible = fb.visible
+        vectors = q.vectors * visible[..., None].to(q.vectors.dtype)
+        x_t = flow.interpolate(latents, fb.noise, fb.t_model)
+        v = tok.decoder(x_t, fb.t_model, vectors, visible)
+        per_sample = flow.flow_loss(v, latents, fb.noise)
+        return per_sample.mean() + q.loss, per_sample.detach(), q.metrics
+
+
+class Stage2Objective(nn.Module):
+    """Frozen encoder + codebook → renderer prediction of the clean latent; wrapped by accelerate in stage 2."""
+
+    def __init__(self, tok: SelftokTokenizer):
+        super().__init__()
+        self.tok = tok
+
+    def forward(self, latents: Tensor) -> Tensor:
+        """latents (B, C, H, W) → predicted clean latents (B, C, H, W)."""
+        with torch.no_grad():
+            features = self.tok.encoder(latents)
+            indices = self.tok.quantizer.lookup(self.tok.quantizer.normalized_inputs(features))
+            vectors = self.tok.quantizer.codes_to_vectors(indices)
+        return self.tok.renderer(vectors.to(latents.dtype))
+
+
+def set_stage_modes(tok: SelftokTokenizer, stage: str) -> None:
+    """Trainable parts in train mode with gradients, frozen parts in eval mode without (EMA updates of the
+    codebook only happen in train mode, so stage 2 never changes it)."""
+    train = {"stage1": ("encoder", "quantizer", "decoder"), "stage2": ("renderer",)}[stage]
+    for name in ("encoder", "quantizer", "decoder", "renderer"):
+        part = getattr(tok, name)
+        if part is not None:
+            part.train(name in train)
+            part.requires_grad_(name in train)
+
+
+# ------------------------------------------------------------------------------------------------ run context
+class CheckpointExtras:
+    """Run state that is not a module or optimizer, saved in every accelerate checkpoint (the reject guard of
+    the current stage)."""
+
+    def __init__(self) -> None:
+        self.guard: RejectGuard | None = None
+
+    def state_dict(self) -> dict:
+        return {"guard": self.guard.state_dict() if self.guard else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.guard is not None and state.get("guard"):
+            self.guard.load_state_dict(state["guard"])
+
+
+@dataclass
+class Context:
+    cfg: TrainConfig
+    accelerator: Accelerator
+    tok: SelftokTokenizer
+    out_dir: Path
+    extras: CheckpointExtras
+    held: HeldOut | None = None
+    source: torch.utils.data.Dataset | None = None
+    perceptual: nn.Module | None = None
+    lpips: nn.Module | None = None
+    results: dict = field(default_factory=dict)
+
+    @property
+    def autocast(self) -> bool:
+        return self.cfg.run.mixed_precision == "bf16"
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+    return Accelerator(mixed_precision=cfg.run.mixed_precision, cpu=cfg.run.cpu,
+                       log_with="tensorboard" if cfg.run.tensorboard else None,
+                       project_dir=cfg.run.out_dir, kwargs_handlers=handlers)
+
+
+def build_tokenizer(cfg: TrainConfig) -> SelftokTokenizer:
+    """A fresh tokenizer from `cfg.model`, initialised from `init.tokenizer` / `init.sd3_mmdit` if given."""
+    tok = SelftokTokenizer(cfg.model)
+    if cfg.init.tokenizer:
+        load_initial_tokenizer(tok, cfg.init.tokenizer, cfg.init.official_yaml)
+    if cfg.init.sd3_mmdit:
+        if tok.decoder is None:
+            raise ConfigError("init.sd3_mmdit initialises the diffusion decoder, but model.decoder is null")
+        from selftok.sd3_init import load_sd3_image_stream
+        loaded = load_sd3_image_stream(tok.decoder, cfg.init.sd3_mmdit)
+        log.info("initialised %d decoder tensors from SD3 MMDiT %s", len(loaded), cfg.init.sd3_mmdit)
+    return tok
+
+
+def load_initial_tokenizer(tok: SelftokTokenizer, path: str, official_yaml: str | None) -> None:
+    """Copy encoder + quantizer (and the decoder / renderer where both have one) from a trained tokenizer;
+    every copied part is loaded strictly. A renderer without a source renderer starts from the decoder."""
+    p = Path(path)
+    if p.is_dir():
+        src = SelftokTokenizer.from_pretrained(p)
+    else:
+        src = SelftokTokenizer.from_official(p, yaml_path=official_yaml)
+    for name in ("encoder", "quantizer", "decoder", "renderer"):
+        mine, theirs = getattr(tok, name), getattr(src, name)
+        if mine is not None and theirs is not None:
+            mine.load_state_dict(theirs.state_dict(), strict=True)
+    if tok.renderer is not None and src.renderer is None and src.decoder is not None:
+        renderer_init_from_decoder(tok.renderer, src.decoder)
+    log.info("initialised from tokenizer %s", path)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+@dataclass
+class StageRun:
+    name: str
+    cfg: Stage1Config | Stage2Config
+    dir: Path
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    base_lrs: list[float]
+    stream: DataStream
+    start: int
+
+
+def setup_stage(ctx: Context, name: str) -> StageRun:
+    """Freeze/unfreeze, build the optimizer, prepare with accelerate, resume from the newest checkpoint."""
+    cfg, acc, tok = ctx.cfg, ctx.accelerator, ctx.tok
+    scfg = cfg.stage1 if name == "stage1" else cfg.stage2
+    stage_dir = ctx.out_dir / name
+    set_stage_modes(tok, name)
+    for part in (tok.encoder, tok.decoder, tok.renderer):
+        if part is not None:
+            part.gradient_checkpointing = cfg.run.gradient_checkpointing
+    if name == "stage1":
+        module, groups = Stage1Objective(tok, cfg.run.seed), stage1_param_groups(tok, scfg.optim)
+    else:
+        if scfg.init_from_decoder and tok.decoder is not None and latest_checkpoint(stage_dir) is None:
+            renderer_init_from_decoder(tok.renderer, tok.decoder)
+        module, groups = Stage2Objective(tok), stage2_param_groups(tok, scfg.optim)
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, betas=scfg.optim.betas, eps=scfg.optim.eps,
+                                  weight_decay=scfg.optim.weight_decay)
+    base_lrs = [g["lr"] for g in groups]
+    if cfg.run.compile:
+        for part in (tok.encoder, tok.decoder if name == "stage1" else tok.renderer):
+            part.compile()
+    acc.free_memory()
+    module, optimizer = acc.prepare(module, optimizer)
+    if ctx.source is None:
+        ctx.source = build_source(cfg.data, cfg.stream)
+    stream = DataStream(ctx.source, cfg.stream, scfg.batch_size, cfg.run.seed + (0 if name == "stage1" else 1),
+                        acc.process_index, acc.num_processes)
+    ctx.extras.guard = stream.guard
+    start = 0
+    ckpt = latest_checkpoint(stage_dir)
+    if ckpt is not None:
+        acc.load_state(str(ckpt))
+        start = checkpoint_step(ckpt)
+        log.info("%s: resumed from %s (step %d)", name, ckpt, start)
+    return StageRun(name, scfg, stage_dir, module, optimizer, base_lrs, stream, start)
+
+
+def train_step(ctx: Context, run: StageRun, step: int, batch) -> dict[str, float]:
+    """One optimizer step of either stage; returns the scalars to log. Raises NonFiniteLossError on NaN/inf."""
+    acc, tok, cfg = ctx.accelerator, ctx.tok, ctx.cfg
+    factor = lr_factor(step, run.cfg.steps, run.cfg.optim)
+    for group, base in zip(run.optimizer.param_groups, run.base_lrs):
+        group["lr"] = base * factor
+    latents = tok.latents.encode(batch.to_images(acc.device))
+    gen = step_generator(cfg.run.seed, run.name, step, acc.process_index)
+    out: dict[str, float] = {}
+    with acc.autocast():
+        if run.name == "stage1":
+            fb = objectives.draw_flow_batch(tok.schedule.last_visible_at, tuple(latents.shape), tok.K, gen,
+                                            run.cfg.time_sampling, cfg.model.flow.shift, run.cfg.condition_dropout,
+                                            run.cfg.logit_mean, run.cfg.logit_std)
+            fb = objectives.FlowBatch(*(x.to(acc.device) for x in fb))
+            mix = objectives.quantizer_mix(step, run.cfg.continuous_steps, run.cfg.ramp_steps)
+            loss, per_sample, qmetrics = run.module(latents, fb, mix)
+            out.update({f"quantizer/{k}": float(v) for k, v in qmetrics.items()})
+            out["dm_mse"] = float(per_sample.mean())
+            for key, (total, count) in objectives.bucket_losses(per_sample, fb.t_model, fb.dropped).items():
+                out[f"{key}_sum"], out[f"{key}_n"] = total, count
+        else:
+            pred = run.module(latents)
+            needs_pixels = run.cfg.gradient_weight or run.cfg.perceptual_weight
+            pix = (lambda z: objectives.pixels_from_latents(z.float(), cfg.model.latent.factor)) \
+                if needs_pixels else (lambda z: None)
+            loss, terms = objectives.renderer_loss(
+                pred, latents, pix(pred), pix(latents), run.cfg.mse_weight, run.cfg.l1_weight,
+                run.cfg.gradient_weight, ctx.perceptual, run.cfg.perceptual_weight)
+            out.update({f"renderer/{k}": v for k, v in terms.items()})
+    losses = acc.gather(loss.detach().float().reshape(1))
+    check_finite(float(losses.sum()), step)
+    acc.backward(loss)
+    if run.cfg.optim.grad_clip:
+        out["grad_norm"] = float(acc.clip_grad_norm_(run.module.parameters(), run.cfg.optim.grad_clip))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    out["loss"] = float(losses.mean())
+    out["lr_factor"] = factor
+    return out
+
+
+class LogWindow:
+    """Accumulates step scalars between log lines (bucket losses pooled as sums and counts)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.images = 0
+        self.t0 = time.time()
+
+    def add(self, scalars: dict[str, float], images: int) -> None:
+        self.steps += 1
+        self.images += images
+        for k, v in scalars.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def flush(self, world_size: int) -> dict[str, float]:
+        out = {}
+        for k, v in self.sums.items():
+            if k.endswith("_n"):
+                continue
+            if k.endswith("_sum"):
+                n = self.sums[k[:-4] + "_n"]
+                if n:
+                    out[k[:-4]] = v / n
+            else:
+                out[k] = v / max(self.steps, 1)
+        seconds = time.time() - self.t0
+        out["images_per_second"] = self.images * world_size / max(seconds, 1e-9)
+        self.__init__()
+        return out
+
+
+def run_stage(ctx: Context, name: str) -> None:
+    """Train one stage to its step budget (resuming if possible), checkpointing, evaluating and exporting."""
+    acc = ctx.accelerator
+    run = setup_stage(ctx, name)
+    total, every = run.cfg.steps, ctx.cfg.run.checkpoint_every
+    window = LogWindow()
+    t0 = time.time()
+    progress = tqdm(total=total, initial=run.start, desc=name, disable=not acc.is_main_process, leave=False,
+                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    step = run.start
+    for step, batch in enumerate(run.stream.batches(run.start, total), start=run.start):
+        check_rejects(acc, run.stream.guard)
+        scalars = train_step(ctx, run, step, batch)
+        window.add(scalars, len(batch))
+        progress.update(1)
+        done = step + 1
+        if done % ctx.cfg.run.log_every == 0 or done == total:
+            logged = window.flush(acc.num_processes)
+            logged["rejected_inputs"] = run.stream.guard.counter.total
+            acc.log({f"{name}/{k}": v for k, v in logged.items()}, step=done)
+            log.info("%s step %d/%d: %s", name, done, total, format_scalars(logged))
+        if (every and done % every == 0) or done == total:
+            save_checkpoint(acc, run.dir, done, keep=ctx.cfg.run.keep_checkpoints)
+        if ctx.cfg.eval.every and done % ctx.cfg.eval.every == 0 and done != total:
+            evaluate(ctx, name, done)
+    progress.close()
+    ctx.results[f"{name}_train_seconds"] = time.time() - t0
+    ctx.results[f"{name}_steps_this_session"] = total - run.start
+    ctx.results[f"{name}_inputs_seen"] = run.stream.guard.seen
+    ctx.results[f"{name}_inputs_rejected"] = dict(run.stream.guard.counter.by_kind)
+    export(ctx, ctx.out_dir / name / "model")
+    evaluate(ctx, name, total)
+
+
+def check_rejects(acc, guard: RejectGuard) -> None:
+    """Enforce the bad-input threshold on totals over all ranks (every rank stops at the same step)."""
+    if acc.num_processes == 1:
+        guard.check()
+        return
+    counts = acc.reduce(torch.tensor([guard.seen, guard.counter.total], device=acc.device), reduction="sum")
+    guard.check(int(counts[0]), int(counts[1]))
+
+
+def evaluate(ctx: Context, name: str, step: int) -> None:
+    """Held-out evaluation on the main process (the other ranks wait)."""
+    acc = ctx.accelerator
+    if acc.is_main_process and ctx.held is not None:
+        which = "decoder" if name == "stage1" else "renderer"
+        metrics = evaluate_stage(ctx.tok, ctx.held, ctx.cfg.eval, which, ctx.out_dir / "eval", f"{name}_step{step}",
+                                 autocast=ctx.autocast, lpips=ctx.lpips)
+        acc.log({f"eval_{which}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        ctx.results[which] = metrics
+    set_stage_modes(ctx.tok, name)
+    acc.wait_for_everyone()
+
+
+def export(ctx: Context, directory: Path) -> None:
+    """Write the tokenizer (model.safetensors + config.yaml) atomically: a temporary directory, then rename."""
+    acc = ctx.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        tmp = directory.with_name(directory.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        ctx.tok.save_pretrained(tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+        log.info("saved tokenizer to %s", directory)
+    acc.wait_for_everyone()
+
+
+def format_scalars(scalars: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+
+
+def stage_finished(ctx: Context, name: str) -> bool:
+    return (ctx.out_dir / name / "model" / "model.safetensors").exists()
+
+
+def load_finished_stage(ctx: Context, name: str) -> None:
+    """Load a finished stage's exported weights (its trained parts) into the running tokenizer."""
+    done = SelftokTokenizer.from_pretrained(ctx.out_dir / name / "model")
+    parts = ("encoder", "quantizer", "decoder") if name == "stage1" else ("renderer",)
+    for part in parts:
+        getattr(ctx.tok, part).load_state_dict(getattr(done, part).state_dict(), strict=True)
+    metrics_file = sorted((ctx.out_dir / "eval").glob(f"{name}_step*.json"))
+    if metrics_file:
+        data = json.loads(metrics_file[-1].read_text())
+        ctx.results[data.pop("which")] = data
+    log.info("%s already finished: loaded %s", name, ctx.out_dir / name / "model")
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+def main(argv: list[str] | None = None) -> dict:
+    """Train per the config; returns the summary also written to ``out_dir/summary.json``."""
+    parser = run_parser("selftok.train", "Train a Selftok tokenizer (stage 1) and renderer (stage 2).")
+    cfg, _ = parse_run_config(TrainConfig, parser, argv)
+    try:
+        ctx = train(cfg)
+    finally:
+        finish_distributed()
+    return ctx.results
+
+
+def train(cfg: TrainConfig) -> Context:
+    """Run the configured stages (resuming where a previous run stopped); returns the run context."""
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
+    acc = build_accelerator(cfg)
+    setup_logging(acc.is_main_process)
+    for noisy in ("accelerate.accelerator", "accelerate.checkpointing"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    out_dir = Path(cfg.run.out_dir)
+    if acc.is_main_process:
+        pin_run_config(out_dir, to_dict(cfg))
+    acc.wait_for_everyone()
+    torch.manual_seed(cfg.run.seed)  # model initialisation: identical on every rank
+    ctx = Context(cfg, acc, build_tokenizer(cfg).to(acc.device), out_dir, CheckpointExtras())
+    acc.register_for_checkpointing(ctx.extras)
+    if cfg.eval.num_images and acc.is_main_process:
+        ctx.held = HeldOut(cfg.eval)
+    setup_losses(ctx)
+    if cfg.run.tensorboard:
+        acc.init_trackers("tb")
+    t0 = time.time()
+    try:
+        for name in STAGES:
+            if (cfg.stage1 if name == "stage1" else cfg.stage2).steps == 0:
+                continue
+            if stage_finished(ctx, name):
+                load_finished_stage(ctx, name)
+            else:
+                run_stage(ctx, name)
+        export(ctx, out_dir / "model")
+    finally:
+        for tracker in acc.trackers:  # not acc.end_training(): it would destroy the process group here
+            tracker.finish()
+    ctx.results["total_seconds_this_session"] = time.time() - t0
+    if acc.is_main_process:
+        (out_dir / "summary.json").write_text(json.dumps(ctx.results, indent=2))
+    return ctx
+
+
+def setup_losses(ctx: Context) -> None:
+    """Optional perceptual loss / LPIPS metric from local weights."""
+    if ctx.cfg.stage2.perceptual_weight:
+        from selftok.perceptual import load_perceptual
+        ctx.perceptual = load_perceptual(ctx.cfg.stage2.perceptual_weights).to(ctx.accelerator.device)
+    if ctx.cfg.eval.lpips_weights:
+        from selftok.perceptual import load_perceptual
+        ctx.lpips = load_perceptual(ctx.cfg.eval.lpips_weights).to(ctx.accelerator.device)
+
+
+def finish_distributed() -> None:
+    """Barrier and tear-down (without it, CPU ranks sometimes abort at exit)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

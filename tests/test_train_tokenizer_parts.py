@@ -1,0 +1,207 @@
+"""Pure parts of tokenizer training: LR schedule, batch schedule, objectives, renderer init, SD3 key mapping,
+metrics and the perceptual-weights loader."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from selftok import objectives
+from selftok.metrics import psnr, ssim
+from selftok.mmdit import MMDiT, MMDiTConfig
+from selftok.renderer import Renderer, RendererConfig
+from selftok.sd3_init import SD3_PREFIX, ignored_sd3_names, load_sd3_image_stream, map_sd3_state_dict
+from selftok.train import OptimConfig, is_image_stream, lr_factor, renderer_init_from_decoder, step_generator
+from selftok.train_data import batch_indices
+
+
+def test_lr_factor_warmup_and_decays():
+    o = OptimConfig(warmup_steps=4, decay="cosine", final_lr_fraction=0.1)
+    assert [lr_factor(s, 20, o) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 20, o) == pytest.approx(1.0)
+    assert lr_factor(19, 20, o) == pytest.approx(0.1)
+    assert lr_factor(19, 20, OptimConfig(decay="linear", final_lr_fraction=0.0)) == pytest.approx(0.0)
+    assert lr_factor(7, 20, OptimConfig()) == 1.0  # official: constant
+
+
+def test_batch_indices_partition_each_global_batch_and_epoch():
+    n, bs, world = 50, 4, 3  # 12 per global batch, 4 global batches per epoch (2 items dropped)
+    seen = []
+    for step in range(4):
+        shares = [batch_indices(step, n, bs, r, world, seed=7) for r in range(world)]
+        assert all(len(s) == bs for s in shares)
+        flat = [i for s in shares for i in s]
+        assert len(set(flat)) == len(flat)   # ranks never share an item within a step
+        seen += flat
+    assert len(set(seen)) == 48               # one epoch: no item twice
+    assert batch_indices(5, n, bs, 1, world, 7) == batch_indices(5, n, bs, 1, world, 7)  # pure
+    assert batch_indices(4, n, bs, 0, world, 7) != batch_indices(0, n, bs, 0, world, 7)  # new epoch, new order
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        batch_indices(0, 10, 4, 0, 3, 0)
+
+
+def test_step_generator_depends_on_every_key():
+    draws = {key: torch.rand(3, generator=step_generator(*key)).tolist()
+             for key in [(0, "stage1", 5, 0), (1, "stage1", 5, 0), (0, "stage2", 5, 0), (0, "stage1", 6, 0),
+                         (0, "stage1", 5, 1)]}
+    assert len({tuple(v) for v in draws.values()}) == len(draws)
+    assert torch.rand(3, generator=step_generator(0, "stage1", 5, 0)).tolist() == draws[(0, "stage1", 5, 0)]
+
+
+def test_quantizer_mix_ramp():
+    assert [objectives.quantizer_mix(s, 2, 4) for s in range(7)] == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert objectives.quantizer_mix(0, 0, 0) == 1.0
+
+
+def test_flow_batch_visibility_dropout_and_shift():
+    last = lambda t: (t * 8).long().clamp(0, 7)
+    fb = objectives.draw_flow_batch(last, (64, 3, 4, 4), 8, torch.Generator().manual_seed(0), shift=3.0,
+                                    condition_dropout=0.25)
+    assert torch.allclose(fb.t_model, 3 * fb.t / (1 + 2 * fb.t))
+    assert fb.visible[fb.dropped].sum() == 0                       # dropped samples see no token
+    kept = ~fb.dropped
+    assert torch.equal(fb.visible[kept].sum(1), last(fb.t[kept]) + 1)  # a prefix of length k(t)+1
+    assert 0 < fb.dropped.sum() < 64
+
+
+def test_bucket_losses_pool_sums_and_counts():
+    per = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    t = torch.tensor([0.1, 0.5, 0.9, 0.35])
+    dropped = torch.tensor([False, True, False, False])
+    b = objectives.bucket_losses(per, t, dropped)
+    assert b["loss_small"] == (5.0, 2) and b["loss_mid"] == (2.0, 1) and b["loss_large"] == (3.0, 1)
+    assert b["loss_uncon"] == (2.0, 1)
+
+
+def test_gradient_loss_ignores_offsets_and_sees_blur():
+    x = torch.zeros(1, 3, 16, 16)
+    x[..., 4:12, 4:12] = 1
+    assert objectives.gradient_loss(x + 0.3, x).item() == pytest.approx(0.0, abs=1e-6)
+    blurred = torch.nn.functional.avg_pool2d(x, 3, 1, 1)
+    assert objectives.gradient_loss(blurred, x).item() > 0.01
+
+
+def test_renderer_loss_terms():
+    pred, target = torch.zeros(2, 3, 8, 8), torch.ones(2, 3, 8, 8)
+    loss, terms = objectives.renderer_loss(pred, target, mse_weight=1.0, l1_weight=0.5)
+    assert terms == {"mse": 1.0, "l1": 1.0} and loss.item() == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="pixel"):
+        objectives.renderer_loss(pred, target, gradient_weight=1.0)
+
+
+def test_renderer_initialised_from_decoder_predicts_its_x0_guess():
+    torch.manual_seed(0)
+    K, C, L = 6, 12, 8
+    dcfg = MMDiTConfig(depth=2, num_heads=2, head_dim=8, context_see_xt=False)
+    decoder = MMDiT(dcfg, K, C, 5, L)
+    for p in decoder.parameters():                      # make the zero-initialised gates non-trivial
+        p.data.add_(0.05 * torch.randn_like(p))
+    renderer = Renderer(RendererConfig(depth=2, num_heads=2, head_dim=8), K, C, 5, L)
+    copied = renderer_init_from_decoder(renderer, decoder)
+    assert any(n.startswith("joint_blocks.") for n in copied) and "context_embedder.weight" in copied
+    vectors = torch.randn(3, K, 5)
+    with torch.no_grad():
+        v = decoder(torch.zeros(3, C, L, L), torch.ones(3), vectors)
+        x0 = renderer(vectors)
+    # at t = 1 from x_t = 0 the decoder's clean-latent estimate is x_t − t·v = −v
+    assert torch.allclose(x0, -v, atol=1e-5)
+
+
+def test_image_stream_names():
+    assert is_image_stream("joint_blocks.3.x_block.attn.qkv.weight")
+    assert is_image_stream("x_embedder.proj.weight") and is_image_stream("mask_token")
+    assert not is_image_stream("joint_blocks.3.context_block.attn.qkv.weight")
+    assert not is_image_stream("final_layer.linear.weight")
+
+
+def fake_sd3(decoder: MMDiT, extra_grid: int | None = None) -> dict[str, torch.Tensor]:
+    """A state dict with SD3-medium's names (prefix, x/context blocks, embedders) at the decoder's sizes."""
+    sd = {SD3_PREFIX + k: torch.randn_like(v) for k, v in decoder.state_dict().items()}
+    D = decoder.cfg.hidden_size
+    sd[SD3_PREFIX + "context_embedder.weight"] = torch.randn(D, 4096)   # SD3: 4096-d T5/CLIP features
+    sd[SD3_PREFIX + "y_embedder.mlp.0.weight"] = torch.randn(D, 2048)
+    sd["first_stage_model.decoder.conv_in.weight"] = torch.randn(4, 4, 3, 3)
+    if extra_grid:
+        sd[SD3_PREFIX + "pos_embed"] = torch.randn(1, extra_grid ** 2, D)
+    return sd
+
+
+def test_sd3_image_stream_mapping(tmp_path):
+    torch.manual_seed(0)
+    decoder = MMDiT(MMDiTConfig(depth=2, num_heads=2, head_dim=8), 4, 16, 16, 8)
+    before = {k: v.clone() for k, v in decoder.state_dict().items()}
+    sd = fake_sd3(decoder, extra_grid=8)                # larger table: centre-cropped to the decoder's 4×4
+    path = tmp_path / "sd3_medium.safetensors"
+    save_file(sd, str(path))
+    loaded = load_sd3_image_stream(decoder, path)
+    after = decoder.state_dict()
+    for k in after:
+        if k.startswith(("x_embedder.", "t_embedder.", "final_layer.")) or ".x_block." in k:
+            assert k in loaded and torch.equal(after[k], sd[SD3_PREFIX + k]), k
+        elif k != "pos_embed":
+            assert torch.equal(after[k], before[k]), f"{k} must not come from SD3"
+    table = sd[SD3_PREFIX + "pos_embed"].reshape(1, 8, 8, -1)[:, 2:6, 2:6].reshape(1, 16, -1)
+    assert torch.equal(after["pos_embed"], table)
+    ignored = ignored_sd3_names(list(sd))
+    assert SD3_PREFIX + "context_embedder.weight" in ignored
+    assert SD3_PREFIX + "joint_blocks.0.context_block.attn.qkv.weight" in ignored
+
+
+def test_sd3_mapping_names_missing_and_misshaped_tensors():
+    decoder = MMDiT(MMDiTConfig(depth=2, num_heads=2, head_dim=8), 4, 16, 16, 8)
+    sd = fake_sd3(decoder)
+    del sd[SD3_PREFIX + "joint_blocks.1.x_block.mlp.fc1.weight"]
+    sd[SD3_PREFIX + "x_embedder.proj.weight"] = torch.randn(16, 4, 2, 2)
+    with pytest.raises(ValueError) as e:
+        map_sd3_state_dict(sd, decoder)
+    assert "joint_blocks.1.x_block.mlp.fc1.weight" in str(e.value) and "x_embedder.proj.weight" in str(e.value)
+
+
+def test_psnr_and_ssim_analytic():
+    a = torch.zeros(2, 3, 16, 16)
+    b = torch.full((2, 3, 16, 16), 0.1)
+    assert psnr(a, b, quantize=False).tolist() == pytest.approx([20.0, 20.0], abs=1e-4)  # 10·log10(1/0.01)
+    assert psnr(a, a).tolist() == [100.0, 100.0]
+    x = torch.rand(2, 3, 16, 16)
+    assert ssim(x, x).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    # constant images: variances and covariance vanish, SSIM = (2ab + C1) / (a² + b² + C1)
+    c1 = 0.01 ** 2
+    expected = (2 * 0.2 * 0.6 + c1) / (0.2 ** 2 + 0.6 ** 2 + c1)
+    assert ssim(torch.full((1, 1, 12, 12), 0.2), torch.full((1, 1, 12, 12), 0.6)).item() == pytest.approx(expected, abs=1e-3)
+    assert ssim(x, x.flip(-1)).mean() < 0.5
+
+
+def test_perceptual_loader_is_strict(tmp_path):
+    from selftok.perceptual import PerceptualDistance, load_perceptual
+    torch.manual_seed(0)
+    state = {k: v for k, v in PerceptualDistance().state_dict().items() if k.startswith("features.")}
+    state.update({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))})
+    good = tmp_path / "vgg.safetensors"
+    save_file(state, str(good))
+    model = load_perceptual(good)
+    x = torch.rand(2, 3, 32, 32)
+    d = model(x, x.flip(-1))
+    assert d.shape == (2,) and (d > 0).all() and model(x, x).abs().max() < 1e-6
+    bad = dict(state)
+    del bad["features.28.weight"]
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="features.28.weight"):
+        load_perceptual(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("name", ["tokenizer_shapes", "tokenizer_smoke", "tokenizer_official_512",
+                                  "tokenizer_official_1024", "renderer_official_512"])
+def test_shipped_configs_load_and_build(name):
+    from pathlib import Path
+
+    from selftok.config import load_config
+    from selftok.train import TrainConfig
+
+    cfg = load_config(TrainConfig, Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    assert cfg.stage1.steps + cfg.stage2.steps > 0
+    if cfg.model.image_size <= 64:  # the official sizes are GPU models: build only the small ones here
+        from selftok.tokenizer import SelftokTokenizer
+        tok = SelftokTokenizer(cfg.model)
+        assert tok.K == cfg.model.schedule.K
+    else:
+        assert cfg.model.schedule.K in (512, 1024) and cfg.model.quantizer.codebook_size == 32768
