@@ -142,11 +142,21 @@ def test_wiring_chains_the_stages_and_keeps_user_overrides(tmp_path):
     assert len(same) == len(before) - 2 and len(before) == len(after)
 
 
+def test_heartbeat_shows_the_latest_progress_line(tmp_path):
+    log = tmp_path / "stage.log"
+    log.write_bytes(b"loading\nvlm:  10%|#   | 1/10\rvlm:  20%|##  | 2/10\r")
+    assert demo.last_line(log) == "vlm:  20%|##  | 2/10"
+    assert demo.last_line(tmp_path / "missing.log") == ""
+
+
 def test_bad_demo_config_exits_with_status_2(capsys):
     with pytest.raises(SystemExit) as e:
         demo.main(["--smoke", "vlm.no_such_key=1"])
     assert e.value.code == 2
     assert "no_such_key" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--smoke", "--until", "no_such_stage"])
+    assert e.value.code == 2
 
 
 # ------------------------------------------------------------------------------------------------ end to end

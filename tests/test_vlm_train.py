@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from vlm_testutil import one_thread, step_losses, tiny_llama_overrides, write_shards  # noqa: F401 (autouse fixture)
 
@@ -57,6 +58,22 @@ def test_tiny_run_learns_and_saves_a_loadable_model(shards, tmp_path):
     assert model.get_input_embeddings().weight.shape[0] == vocab.model_vocab_size
     assert tokenizer.convert_tokens_to_ids("<boi>") == vocab.boi_id and len(tokenizer) == vocab.visual_offset
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000030", "step_00000060"]
+    assert_final_equals_checkpoint(run, "step_00000060")
+
+
+def assert_final_equals_checkpoint(run: Path, step: str) -> None:
+    """The saved final model holds exactly the trained weights (from_pretrained silently drops unknown keys)."""
+    trained = load_file(run / "checkpoints" / step / "model.safetensors")
+    loaded = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
+    trained = {k.replace("_orig_mod.", ""): v for k, v in trained.items()}
+    assert set(loaded) <= set(trained) and all(torch.equal(loaded[k], trained[k]) for k in loaded)
+
+
+@pytest.mark.slow
+def test_compiled_run_saves_the_trained_weights(shards, tmp_path):
+    run = tmp_path / "run"
+    main(args(shards, run, "optim.max_steps=3", "checkpoint_every=3", "compile=true"))
+    assert_final_equals_checkpoint(run, "step_00000003")
 
 
 def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(shards, tmp_path):

@@ -306,6 +306,8 @@ def save_final(state: TrainState) -> Path:
     final = state.run_dir / "final"
     acc.wait_for_everyone()
     full_state = acc.get_state_dict(state.model)  # gathers ZeRO-3 shards; every rank must call it
+    # torch.compile prefixes every key with "_orig_mod."; from_pretrained would silently drop such keys
+    full_state = {k.replace("_orig_mod.", ""): v for k, v in full_state.items()}
     if acc.is_main_process:
         model = acc.unwrap_model(state.model)
         if isinstance(model, PeftModel):
@@ -313,7 +315,13 @@ def save_final(state: TrainState) -> Path:
             model = export_model(model)
             model.save_pretrained(str(final))
         else:
-            export_model(model).save_pretrained(str(final), state_dict=full_state)
+            model = export_model(model)
+            expected = set(model.state_dict())
+            if set(full_state) != expected:
+                raise RuntimeError(f"final state dict keys differ from the model's: missing "
+                                   f"{sorted(expected - set(full_state))[:5]}, unexpected "
+                                   f"{sorted(set(full_state) - expected)[:5]}")
+            model.save_pretrained(str(final), state_dict=full_state)
         state.tokenizer.save_pretrained(str(final))
         state.vocab.save(final)
         log.info("saved final model to %s", final)
