@@ -107,12 +107,18 @@ class Stage1Config:
     initialised by k-means on the first quantized step, from features that are already image-dependent."""
     ramp_steps: int = 0
     """Then the straight-through offset grows linearly from 0 to 1 over this many steps."""
+    renderer_weight: float = 0.0
+    """Not in the paper (0 = official): also train the renderer in stage 1, on the same quantized tokens,
+    with this weight on its latent MSE. Its one-step regression gives the encoder a direct reconstruction
+    signal, which the velocity loss only provides at t ≈ 1; stage 2 then continues from this renderer."""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError("stage1.steps must be >= 0 and stage1.batch_size >= 1")
         if not 0 <= self.condition_dropout < 1:
             raise ValueError(f"stage1.condition_dropout must lie in [0, 1), got {self.condition_dropout}")
+        if self.renderer_weight < 0:
+            raise ValueError(f"stage1.renderer_weight must be >= 0, got {self.renderer_weight}")
 
 
 @dataclass
@@ -190,6 +196,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage1.steps and self.model.decoder is None:
             raise ValueError("stage1.steps > 0 trains the diffusion decoder, but model.decoder is null")
+        if self.stage1.renderer_weight and self.model.renderer is None:
+            raise ValueError("stage1.renderer_weight > 0 trains the renderer in stage 1, but model.renderer is null")
         if self.stage2.steps and self.model.renderer is None:
             raise ValueError("stage2.steps > 0 trains the renderer, but model.renderer is null")
         pixel_terms = self.stage2.gradient_weight or self.stage2.perceptual_weight
@@ -227,10 +235,12 @@ def is_image_stream(name: str) -> bool:
     return (name.startswith(("x_embedder.", "mask_token", "positional_embedding")) or ".x_block." in name)
 
 
-def stage1_param_groups(tok: SelftokTokenizer, optim: OptimConfig) -> list[dict]:
-    """Encoder + quantizer (lr), decoder image stream (image_lr), rest of the decoder (token_lr)."""
+def stage1_param_groups(tok: SelftokTokenizer, optim: OptimConfig, joint_renderer: bool = False) -> list[dict]:
+    """Encoder + quantizer (lr), decoder image stream (image_lr), rest of the decoder (token_lr); with
+    `joint_renderer` the renderer's streams join the decoder's groups."""
     image, token = [], []
-    for name, p in tok.decoder.named_parameters():
+    parts = [tok.decoder] + ([tok.renderer] if joint_renderer else [])
+    for name, p in (item for part in parts for item in part.named_parameters()):
         (image if is_image_stream(name) else token).append(p)
     encoder = list(tok.encoder.parameters()) + list(tok.quantizer.parameters())
     return [{"name": "encoder", "params": encoder, "lr": optim.lr},
@@ -273,15 +283,17 @@ def renderer_init_from_decoder(renderer: nn.Module, decoder: nn.Module) -> list[
 
 # ------------------------------------------------------------------------------------------------ trained modules
 class Stage1Objective(nn.Module):
-    """Encoder → quantizer (training path) → decoder velocity loss; the module accelerate wraps in stage 1."""
+    """Encoder → quantizer (training path) → decoder velocity loss (+ the optional joint renderer loss); the
+    module accelerate wraps in stage 1."""
 
-    def __init__(self, tok: SelftokTokenizer, seed: int):
+    def __init__(self, tok: SelftokTokenizer, seed: int, renderer_weight: float = 0.0):
         super().__init__()
         self.tok = tok
         self.seed = seed
+        self.renderer_weight = renderer_weight
 
     def forward(self, latents: Tensor, fb: objectives.FlowBatch, mix: float) -> tuple[Tensor, Tensor, dict]:
-        """latents (B, C, H, W) → (loss, per-sample velocity MSE (B,) detached, quantizer metrics)."""
+        """latents (B, C, H, W) → (loss, per-sample velocity MSE (B,) detached, metrics)."""
         tok = self.tok
         q = tok.quantizer(tok.encoder(latents), mix=mix, seed=self.seed)
         visible = fb.visible
@@ -289,7 +301,12 @@ class Stage1Objective(nn.Module):
         x_t = flow.interpolate(latents, fb.noise, fb.t_model)
         v = tok.decoder(x_t, fb.t_model, vectors, visible)
         per_sample = flow.flow_loss(v, latents, fb.noise)
-        return per_sample.mean() + q.loss, per_sample.detach(), q.metrics
+        loss, metrics = per_sample.mean() + q.loss, dict(q.metrics)
+        if self.renderer_weight:
+            render_mse = (tok.renderer(q.vectors.to(latents.dtype)).float() - latents.float()).pow(2).mean()
+            loss = loss + self.renderer_weight * render_mse
+            metrics["renderer_mse"] = float(render_mse.detach())
+        return loss, per_sample.detach(), metrics
 
 
 class Stage2Objective(nn.Module):
@@ -308,10 +325,12 @@ class Stage2Objective(nn.Module):
         return self.tok.renderer(vectors.to(latents.dtype))
 
 
-def set_stage_modes(tok: SelftokTokenizer, stage: str) -> None:
+def set_stage_modes(tok: SelftokTokenizer, stage: str, joint_renderer: bool = False) -> None:
     """Trainable parts in train mode with gradients, frozen parts in eval mode without (EMA updates of the
-    codebook only happen in train mode, so stage 2 never changes it)."""
-    train = {"stage1": ("encoder", "quantizer", "decoder"), "stage2": ("renderer",)}[stage]
+    codebook only happen in train mode, so stage 2 never changes it). `joint_renderer`: stage 1 also
+    trains the renderer (``stage1.renderer_weight``)."""
+    train = {"stage1": ("encoder", "quantizer", "decoder") + (("renderer",) if joint_renderer else ()),
+             "stage2": ("renderer",)}[stage]
     for name in ("encoder", "quantizer", "decoder", "renderer"):
         part = getattr(tok, name)
         if part is not None:
@@ -412,14 +431,19 @@ def setup_stage(ctx: Context, name: str) -> StageRun:
     cfg, acc, tok = ctx.cfg, ctx.accelerator, ctx.tok
     scfg = cfg.stage1 if name == "stage1" else cfg.stage2
     stage_dir = ctx.out_dir / name
-    set_stage_modes(tok, name)
+    joint = cfg.stage1.renderer_weight > 0
+    set_stage_modes(tok, name, joint)
     for part in (tok.encoder, tok.decoder, tok.renderer):
         if part is not None:
             part.gradient_checkpointing = cfg.run.gradient_checkpointing
     if name == "stage1":
-        module, groups = Stage1Objective(tok, cfg.run.seed), stage1_param_groups(tok, scfg.optim)
+        if joint and latest_checkpoint(stage_dir) is None:
+            renderer_init_from_decoder(tok.renderer, tok.decoder)
+        module = Stage1Objective(tok, cfg.run.seed, cfg.stage1.renderer_weight)
+        groups = stage1_param_groups(tok, scfg.optim, joint)
     else:
-        if scfg.init_from_decoder and tok.decoder is not None and latest_checkpoint(stage_dir) is None:
+        fresh = latest_checkpoint(stage_dir) is None and not (joint and cfg.stage1.steps)
+        if scfg.init_from_decoder and tok.decoder is not None and fresh:
             renderer_init_from_decoder(tok.renderer, tok.decoder)
         module, groups = Stage2Objective(tok), stage2_param_groups(tok, scfg.optim)
     groups = [g for g in groups if g["params"]]
@@ -462,7 +486,7 @@ def train_step(ctx: Context, run: StageRun, step: int, batch) -> dict[str, float
             fb = objectives.FlowBatch(*(x.to(acc.device) for x in fb))
             mix = objectives.quantizer_mix(step, run.cfg.continuous_steps, run.cfg.ramp_steps)
             loss, per_sample, qmetrics = run.module(latents, fb, mix)
-            out.update({f"quantizer/{k}": float(v) for k, v in qmetrics.items()})
+            out.update({(k if k == "renderer_mse" else f"quantizer/{k}"): float(v) for k, v in qmetrics.items()})
             out["dm_mse"] = float(per_sample.mean())
             for key, (total, count) in objectives.bucket_losses(per_sample, fb.t_model, fb.dropped).items():
                 out[f"{key}_sum"], out[f"{key}_n"] = total, count
@@ -571,7 +595,7 @@ def evaluate(ctx: Context, name: str, step: int) -> None:
                                  autocast=ctx.autocast, lpips=ctx.lpips)
         acc.log({f"eval_{which}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         ctx.results[which] = metrics
-    set_stage_modes(ctx.tok, name)
+    set_stage_modes(ctx.tok, name, ctx.cfg.stage1.renderer_weight > 0)
     acc.wait_for_everyone()
 
 
@@ -603,6 +627,8 @@ def load_finished_stage(ctx: Context, name: str) -> None:
     """Load a finished stage's exported weights (its trained parts) into the running tokenizer."""
     done = SelftokTokenizer.from_pretrained(ctx.out_dir / name / "model")
     parts = ("encoder", "quantizer", "decoder") if name == "stage1" else ("renderer",)
+    if name == "stage1" and ctx.cfg.stage1.renderer_weight:
+        parts += ("renderer",)
     for part in parts:
         getattr(ctx.tok, part).load_state_dict(getattr(done, part).state_dict(), strict=True)
     metrics_file = sorted((ctx.out_dir / "eval").glob(f"{name}_step*.json"))

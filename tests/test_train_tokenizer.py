@@ -105,3 +105,17 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     with pytest.raises(TooManyRejectsError, match=r"more than stream.max_reject_fraction = 1.0%"):
         run(tmp_path / "strict", "stage1.steps=6", "stream.max_reject_fraction=0.01",
             "stream.min_inputs_for_check=8", *data)
+
+
+def test_joint_renderer_trains_in_stage_one(tmp_path):
+    out = tmp_path / "run"
+    results = run(out, "stage1.steps=6", "stage2.steps=2", "eval.num_images=0", "stage1.renderer_weight=1.0")
+    assert results["stage1_steps_this_session"] == 6
+    fresh = SelftokTokenizer(SelftokTokenizer.from_pretrained(out / "model").cfg).state_dict()
+    s1 = load_file(str(out / "stage1" / "model" / "model.safetensors"))
+    for name in ("renderer.joint_blocks.0.x_block.attn.qkv.weight", "renderer.context_embedder.weight"):
+        assert not torch.equal(s1[name], fresh[name]), f"{name} did not train in stage 1"
+    # stage 2 continued from the jointly trained renderer (not re-initialised from the decoder)
+    final = load_file(str(out / "model" / "model.safetensors"))
+    w = "renderer.final_layer.linear.weight"
+    assert not torch.equal(final[w], -s1[w.replace("renderer.", "decoder.")])

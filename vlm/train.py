@@ -307,9 +307,10 @@ def save_final(state: TrainState) -> Path:
     acc.wait_for_everyone()
     full_state = acc.get_state_dict(state.model)  # gathers ZeRO-3 shards; every rank must call it
     # torch.compile prefixes every key with "_orig_mod."; from_pretrained would silently drop such keys
-    full_state = {k.replace("_orig_mod.", ""): v for k, v in full_state.items()}
-    if acc.is_main_process:
+    if acc.is_main_process:  # under ZeRO-3 only the main process receives the gathered state
+        full_state = {k.replace("_orig_mod.", ""): v for k, v in full_state.items()}
         model = acc.unwrap_model(state.model)
+        model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper may survive unwrap_model
         if isinstance(model, PeftModel):
             model.save_pretrained(str(final / "adapter"), state_dict=full_state)
             model = export_model(model)
