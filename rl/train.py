@@ -60,6 +60,7 @@ from rl.rewards import Reward, RewardConfig, build_reward
 from selftok import runs
 from selftok.cli import parse_run_config, run_parser, setup_logging
 from selftok.config import ConfigError, to_dict
+from selftok.grid import image_grid, to_pil_images
 from vlm.generate import (
     allowed_ids,
     decode_codes,
@@ -70,7 +71,6 @@ from vlm.generate import (
     t2i_prompt_ids,
     uncond_prompt_ids,
 )
-from vlm.grid import image_grid, to_pil_images
 from vlm.model import LoraSpec, ModelConfig, apply_training_mode, export_model
 from vlm.sampling import SamplingPolicy
 from vlm.vocab import Vocabulary, ar_to_encoder_order
@@ -671,9 +671,7 @@ def run(cfg: RLConfig) -> Path:
     bar.close()
     final = save_final(state)
     acc.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    runs.finish_distributed()
     return final
 
 

@@ -108,6 +108,11 @@ class DualBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(qd, 6 * qd))
         nn.init.zeros_(self.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
+        # fresh models start with open gates (bias 1 on gate_a and gate_m): with AdaLN-Zero gates the encoder
+        # output is the same for every image, the decoder cannot tell images apart and neither side gets a
+        # first-order signal to change that (a long plateau at the mean image). Official weights overwrite it.
+        for chunk in (2, 5):
+            nn.init.ones_(self.adaLN_modulation[-1].bias[chunk * qd:(chunk + 1) * qd])
         self.t_embedder = TimestepEmbedder(qd)
         self.image_stream = image_stream
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from selftok.cli import parse_run_config, run_parser, setup_logging
 from selftok.config import config_diff, to_dict
 from selftok.data import DataConfig, ImageBatch, ImageSource, make_loader
+from selftok.runs import finish_distributed
 from selftok.shards import (
     ORDER_AR,
     ShardError,
@@ -410,9 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     state = process_state()
     setup_logging(state.is_main_process)
     manifest = pretokenize(cfg)
-    if state.use_distributed and torch.distributed.is_initialized():  # clean exit (see ENVIRONMENT_NOTES)
-        barrier(state)
-        torch.distributed.destroy_process_group()
+    finish_distributed()  # clean exit (see ENVIRONMENT_NOTES)
     return 0 if manifest is None or manifest.complete else 1
 
 

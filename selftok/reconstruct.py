@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from selftok.cli import parse_run_config, run_parser, setup_logging
 from selftok.config import to_dict
+from selftok.grid import image_grid, to_pil_images
 from selftok.tokenizer import SelftokTokenizer
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,7 @@ def load_image(path: Path, size: int) -> torch.Tensor:
 
 def save_grid(path: Path, columns: list[torch.Tensor]) -> None:
     """Save images (3, H, W) side by side as one PNG."""
-    row = torch.cat([c.clamp(0, 1) for c in columns], dim=2)
-    Image.fromarray((row.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)).save(path)
+    image_grid(to_pil_images(torch.stack(columns)), ncols=len(columns), pad=0).save(path)
 
 
 def load_tokenizer(cfg: ReconstructConfig) -> SelftokTokenizer:

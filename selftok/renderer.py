@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from selftok.layers import unpatchify
+from selftok.layers import sincos_2d, unpatchify
 from selftok.mmdit import TokenConditionedTransformer, joint_attention_mask
 
 #: The renderer's fixed time input (already on the 0–1000 scale).
@@ -59,7 +59,11 @@ class Renderer(TokenConditionedTransformer):
             raise ValueError(f"latent size {latent_size} is not divisible by the renderer patch size {cfg.patch_size}")
         self.latent_size = latent_size
         self.grid = latent_size // cfg.patch_size
-        self.positional_embedding = nn.Parameter(D ** -0.5 * torch.randn(self.grid ** 2, D))
+        # a fresh renderer starts from the 2-D sin-cos table (official init: D^-0.5·N(0, 1)); a smooth table lets
+        # patches find the tokens that describe their neighbourhood from the first steps — with the random
+        # init, fitting 32 shapes scenes stays at the mean image for ~150 steps, with sin-cos it is 6x lower
+        # after 200 (docs/tokenizer_training.md). Official checkpoints overwrite it either way.
+        self.positional_embedding = nn.Parameter(sincos_2d(D, self.grid))
         self.mask_token = nn.Parameter(D ** -0.5 * torch.randn(1, 1 if cfg.repeat_mask_token else self.grid ** 2, D))
 
     def forward(self, vectors: Tensor, token_mods: list[Tensor | None] | None = None) -> Tensor:

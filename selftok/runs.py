@@ -98,3 +98,13 @@ def check_finite(loss: float, step: int) -> None:
         raise NonFiniteLossError(
             f"loss is {loss} at step {step}; stopping. The last good checkpoint is left intact — lower the "
             f"learning rate or check the data, then re-run the same command to resume from it.")
+
+
+def finish_distributed() -> None:
+    """Barrier and tear-down of the process group at the end of a job (without it, CPU ranks sometimes
+    abort at exit). A no-op in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -43,7 +43,14 @@ from selftok.cli import parse_run_config, run_parser, setup_logging
 from selftok.config import ConfigError, to_dict
 from selftok.data import DataConfig
 from selftok.layers import crop_pos_embed
-from selftok.runs import check_finite, checkpoint_step, latest_checkpoint, pin_run_config, save_checkpoint
+from selftok.runs import (
+    check_finite,
+    checkpoint_step,
+    finish_distributed,
+    latest_checkpoint,
+    pin_run_config,
+    save_checkpoint,
+)
 from selftok.tokenizer import SelftokTokenizer, TokenizerConfig
 from selftok.train_data import DataStream, DataStreamConfig, RejectGuard, build_source
 from selftok.train_eval import EvalConfig, HeldOut, evaluate_stage
@@ -257,6 +264,12 @@ def stage2_param_groups(tok: SelftokTokenizer, optim: OptimConfig) -> list[dict]
             {"name": "renderer_token", "params": rest, "lr": optim.lr}]
 
 
+def renderer_matches_decoder(tok: SelftokTokenizer) -> bool:
+    """Whether the renderer has the decoder's width and patch size (so it can start from the decoder)."""
+    r, d = tok.renderer.cfg, tok.decoder.cfg
+    return (r.hidden_size, r.patch_size) == (d.hidden_size, d.patch_size)
+
+
 def renderer_init_from_decoder(renderer: nn.Module, decoder: nn.Module) -> list[str]:
     """Copy the decoder weights the renderer shares (time and context embedders, joint blocks, final layer).
 
@@ -437,13 +450,16 @@ def setup_stage(ctx: Context, name: str) -> StageRun:
         if part is not None:
             part.gradient_checkpointing = cfg.run.gradient_checkpointing
     if name == "stage1":
-        if joint and latest_checkpoint(stage_dir) is None:
+        if joint and latest_checkpoint(stage_dir) is None and renderer_matches_decoder(tok):
             renderer_init_from_decoder(tok.renderer, tok.decoder)
         module = Stage1Objective(tok, cfg.run.seed, cfg.stage1.renderer_weight)
         groups = stage1_param_groups(tok, scfg.optim, joint)
     else:
         fresh = latest_checkpoint(stage_dir) is None and not (joint and cfg.stage1.steps)
         if scfg.init_from_decoder and tok.decoder is not None and fresh:
+            if not renderer_matches_decoder(tok):
+                raise ConfigError("stage2.init_from_decoder needs a renderer with the decoder's width and patch "
+                                  "size; set it to false or match model.renderer to model.decoder")
             renderer_init_from_decoder(tok.renderer, tok.decoder)
         module, groups = Stage2Objective(tok), stage2_param_groups(tok, scfg.optim)
     groups = [g for g in groups if g["params"]]
@@ -697,14 +713,6 @@ def setup_losses(ctx: Context) -> None:
     if ctx.cfg.eval.lpips_weights:
         from selftok.perceptual import load_perceptual
         ctx.lpips = load_perceptual(ctx.cfg.eval.lpips_weights).to(ctx.accelerator.device)
-
-
-def finish_distributed() -> None:
-    """Barrier and tear-down (without it, CPU ranks sometimes abort at exit)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from selftok.data import DataConfig, ImageSource, ShapesSourceConfig, TransformConfig, collate_samples
+from selftok.grid import image_grid, to_pil_images
 from selftok.metrics import psnr, ssim
 from selftok.tokenizer import SelftokTokenizer
 
@@ -120,15 +120,8 @@ def judge_attributes(images: Tensor, specs: list) -> list[bool | None]:
 def save_grid(originals: Tensor, recons: Tensor, path: Path, n: int, per_row: int = 4) -> None:
     """PNG of `n` (original | reconstruction) pairs, `per_row` pairs per row; inputs (N, 3, S, S) in [0, 1]."""
     n = min(n, originals.shape[0])
-    rows = math.ceil(n / per_row)
-    S = originals.shape[-1]
-    canvas = torch.ones(3, rows * S, per_row * 2 * S)
-    for i in range(n):
-        r, c = divmod(i, per_row)
-        canvas[:, r * S:(r + 1) * S, 2 * c * S:(2 * c + 1) * S] = originals[i]
-        canvas[:, r * S:(r + 1) * S, (2 * c + 1) * S:(2 * c + 2) * S] = recons[i]
-    arr = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(arr).save(path)
+    pairs = torch.stack([originals[:n], recons[:n]], dim=1).flatten(0, 1)  # o0, r0, o1, r1, ...
+    image_grid(to_pil_images(pairs), ncols=2 * min(per_row, n), pad=0).save(path)
 
 
 def evaluate_stage(tok: SelftokTokenizer, held: HeldOut, cfg: EvalConfig, which: Literal["decoder", "renderer"],

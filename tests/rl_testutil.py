@@ -32,6 +32,8 @@ def make_artifacts(root: Path, preset: str = "tiny", llama: LlamaSpec = TINY_LLA
     with torch.no_grad():  # DiT-style zero-initialised modulations make a fresh renderer ignore its codes
         for p in image_tok.renderer.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+        pos = image_tok.renderer.positional_embedding  # the official random table, not the training init's
+        pos.copy_(torch.randn_like(pos) * pos.shape[1] ** -0.5)  # sin-cos: images depend more on the codes
     tok_dir = root / "tokenizer"
     image_tok.save_pretrained(tok_dir)
     vlm_dir = root / "vlm"

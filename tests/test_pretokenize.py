@@ -29,7 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _tokenizer(seed: int = 0) -> SelftokTokenizer:
     torch.manual_seed(seed)
-    return SelftokTokenizer(load_tokenizer_config("tiny", overrides=[f"image_size={S}"])).eval()
+    tok = SelftokTokenizer(load_tokenizer_config("tiny", overrides=[f"image_size={S}"])).eval()
+    with torch.no_grad():  # untrained queries start almost equal (0.02·N(0, 1)); spread them so that the
+        tok.encoder.query_tokens.normal_()  # codes differ between positions and the AR flip is visible
+    return tok
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selftok.cli import setup_logging
 from selftok.config import to_dict
+from selftok.grid import image_grid, pil_to_tensor, to_pil_images
 from selftok.shapes.folder import IMAGE_SUFFIXES
-from vlm.grid import image_grid, pil_to_tensor, to_pil_images
 from vlm.sampling import SamplingPolicy, gather_logprobs, policy_logprobs, sample_from_logprobs
 from vlm.vocab import Vocabulary, VocabularyError, ar_to_encoder_order, encode_caption, tokenizer_fingerprint
 

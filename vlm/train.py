@@ -276,9 +276,9 @@ def train_step(state: TrainState) -> dict[str, float]:
 @torch.no_grad()
 def write_sample_grid(state: TrainState, step: int) -> Path | None:
     """Main process: sample images for `samples.prompts` (CFG, seeds 0..n-1) and save a PNG grid."""
+    from selftok.grid import image_grid, to_pil_images
     from selftok.tokenizer import SelftokTokenizer
     from vlm.generate import generate_images
-    from vlm.grid import image_grid, to_pil_images
     from vlm.sampling import SamplingPolicy
     cfg, acc = state.cfg.samples, state.accelerator
     if acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3:
@@ -354,9 +354,7 @@ def run(cfg: TrainConfig) -> Path:
     bar.close()
     final = save_final(state)
     acc.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    runs.finish_distributed()
     return final
 
 
