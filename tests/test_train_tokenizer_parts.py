@@ -107,6 +107,22 @@ def test_renderer_initialised_from_decoder_predicts_its_x0_guess():
     assert torch.allclose(x0, -v, atol=1e-5)
 
 
+def test_fresh_models_pass_image_information_from_the_first_step():
+    """The training inits (open encoder query gates, sin-cos renderer table): a fresh encoder already tells
+    two images apart, and a fresh renderer's patches start from the smooth 2-D table (docs: the CPU recipe)."""
+    from selftok.encoder import EncoderConfig, QFormerEncoder
+    from selftok.layers import sincos_2d
+
+    torch.manual_seed(0)
+    enc = QFormerEncoder(EncoderConfig(patch_size=2, hidden_size=32, num_heads=2, depth=2, query_dim=32,
+                                       query_heads=2), num_tokens=4, in_channels=3, latent_size=8)
+    a, b = enc(torch.randn(1, 3, 8, 8)), enc(torch.randn(1, 3, 8, 8))
+    assert (a - b).abs().max() > 0.05  # with AdaLN-Zero gates both would be the bare query tokens
+    r = Renderer(RendererConfig(depth=1, num_heads=2, head_dim=8, patch_size=1), num_tokens=4, out_channels=3,
+                 context_dim=8, latent_size=4)
+    assert torch.equal(r.positional_embedding.data, sincos_2d(16, 4))
+
+
 def test_image_stream_names():
     assert is_image_stream("joint_blocks.3.x_block.attn.qkv.weight")
     assert is_image_stream("x_embedder.proj.weight") and is_image_stream("mask_token")
