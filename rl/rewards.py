@@ -146,7 +146,7 @@ def graded_score(judgement: Any) -> float:
     nothing within 30 steps. With the product a blank image scores 0."""
     include = [c.passed for c in judgement.claims if c.kind != "exclude"]
     exclude = [c.passed for c in judgement.claims if c.kind == "exclude"]
-    frac = lambda xs: sum(xs) / len(xs) if xs else 1.0  # noqa: E731
+    frac = lambda xs: sum(xs) / len(xs) if xs else 1.0
     return frac(include) * frac(exclude) if include else float(judgement.correct)
 
 

@@ -32,7 +32,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-WORDS = "a an the red green blue yellow circle square triangle left right of above below one two three".split()
+WORDS = ["a", "an", "the", "red", "green", "blue", "yellow", "circle", "square", "triangle", "left", "right", "of", "above", "below", "one", "two", "three"]
 
 
 @pytest.fixture(scope="module")
