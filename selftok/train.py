@@ -116,9 +116,8 @@ class Stage1Config:
     """Then the straight-through offset grows linearly from 0 to 1 over this many steps."""
     renderer_weight: float = 0.0
     """Not in the paper (0 = official): also train the renderer in stage 1, on the same quantized tokens,
-    with this weight on the renderer loss (the stage-2 terms: ``stage2.mse_weight``, ``gradient_weight``, ...).
-    Its one-step regression gives the encoder a direct reconstruction signal, which the velocity loss only
-    provides at t ≈ 1; stage 2 then continues from this renderer."""
+    with this weight on its latent MSE. Its one-step regression gives the encoder a direct reconstruction
+    signal, which the velocity loss only provides at t ≈ 1; stage 2 then continues from this renderer."""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -296,39 +295,15 @@ def renderer_init_from_decoder(renderer: nn.Module, decoder: nn.Module) -> list[
 
 
 # ------------------------------------------------------------------------------------------------ trained modules
-class RenderLoss:
-    """The renderer's loss (stage 2, and the joint renderer of stage 1): latent MSE plus the optional latent L1
-    and pixel-space terms of `Stage2Config`. (pred, target latents) → (loss, terms)."""
-
-    def __init__(self, cfg: Stage2Config, latent_factor: int, perceptual: nn.Module | None = None):
-        self.cfg = cfg
-        self.factor = latent_factor
-        self.perceptual = perceptual
-        self.needs_pixels = bool(cfg.gradient_weight or cfg.perceptual_weight)
-
-    def pixels(self, latents: Tensor) -> Tensor | None:
-        return objectives.pixels_from_latents(latents.float(), self.factor) if self.needs_pixels else None
-
-    def __call__(self, pred: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
-        c = self.cfg
-        return objectives.renderer_loss(pred.float(), target.float(), self.pixels(pred), self.pixels(target),
-                                        c.mse_weight, c.l1_weight, c.gradient_weight, self.perceptual,
-                                        c.perceptual_weight)
-
-
 class Stage1Objective(nn.Module):
     """Encoder → quantizer (training path) → decoder velocity loss (+ the optional joint renderer loss); the
     module accelerate wraps in stage 1."""
 
-    def __init__(self, tok: SelftokTokenizer, seed: int, renderer_weight: float = 0.0,
-                 render_loss: RenderLoss | None = None):
+    def __init__(self, tok: SelftokTokenizer, seed: int, renderer_weight: float = 0.0):
         super().__init__()
-        if renderer_weight and render_loss is None:
-            raise ValueError("a joint renderer (renderer_weight > 0) needs its render_loss")
         self.tok = tok
         self.seed = seed
         self.renderer_weight = renderer_weight
-        self.render_loss = render_loss
 
     def forward(self, latents: Tensor, fb: objectives.FlowBatch, mix: float) -> tuple[Tensor, Tensor, dict]:
         """latents (B, C, H, W) → (loss, per-sample velocity MSE (B,) detached, metrics)."""
@@ -341,9 +316,9 @@ class Stage1Objective(nn.Module):
         per_sample = flow.flow_loss(v, latents, fb.noise)
         loss, metrics = per_sample.mean() + q.loss, dict(q.metrics)
         if self.renderer_weight:
-            render_loss, terms = self.render_loss(tok.renderer(q.vectors.to(latents.dtype)), latents)
-            loss = loss + self.renderer_weight * render_loss
-            metrics.update({f"renderer/{k}": v for k, v in terms.items()})
+            render_mse = (tok.renderer(q.vectors.to(latents.dtype)).float() - latents.float()).pow(2).mean()
+            loss = loss + self.renderer_weight * render_mse
+            metrics["renderer_mse"] = float(render_mse.detach())
         return loss, per_sample.detach(), metrics
 
 
@@ -401,7 +376,7 @@ class Context:
     extras: CheckpointExtras
     held: HeldOut | None = None
     source: torch.utils.data.Dataset | None = None
-    render_loss: RenderLoss | None = None
+    perceptual: nn.Module | None = None
     lpips: nn.Module | None = None
     results: dict = field(default_factory=dict)
 
@@ -477,7 +452,7 @@ def setup_stage(ctx: Context, name: str) -> StageRun:
     if name == "stage1":
         if joint and latest_checkpoint(stage_dir) is None and renderer_matches_decoder(tok):
             renderer_init_from_decoder(tok.renderer, tok.decoder)
-        module = Stage1Objective(tok, cfg.run.seed, cfg.stage1.renderer_weight, ctx.render_loss)
+        module = Stage1Objective(tok, cfg.run.seed, cfg.stage1.renderer_weight)
         groups = stage1_param_groups(tok, scfg.optim, joint)
     else:
         fresh = latest_checkpoint(stage_dir) is None and not (joint and cfg.stage1.steps)
@@ -527,12 +502,18 @@ def train_step(ctx: Context, run: StageRun, step: int, batch) -> dict[str, float
             fb = objectives.FlowBatch(*(x.to(acc.device) for x in fb))
             mix = objectives.quantizer_mix(step, run.cfg.continuous_steps, run.cfg.ramp_steps)
             loss, per_sample, qmetrics = run.module(latents, fb, mix)
-            out.update({(k if k.startswith("renderer/") else f"quantizer/{k}"): float(v) for k, v in qmetrics.items()})
+            out.update({(k if k == "renderer_mse" else f"quantizer/{k}"): float(v) for k, v in qmetrics.items()})
             out["dm_mse"] = float(per_sample.mean())
             for key, (total, count) in objectives.bucket_losses(per_sample, fb.t_model, fb.dropped).items():
                 out[f"{key}_sum"], out[f"{key}_n"] = total, count
         else:
-            loss, terms = ctx.render_loss(run.module(latents), latents)
+            pred = run.module(latents)
+            needs_pixels = run.cfg.gradient_weight or run.cfg.perceptual_weight
+            pix = (lambda z: objectives.pixels_from_latents(z.float(), cfg.model.latent.factor)) \
+                if needs_pixels else (lambda z: None)
+            loss, terms = objectives.renderer_loss(
+                pred, latents, pix(pred), pix(latents), run.cfg.mse_weight, run.cfg.l1_weight,
+                run.cfg.gradient_weight, ctx.perceptual, run.cfg.perceptual_weight)
             out.update({f"renderer/{k}": v for k, v in terms.items()})
     losses = acc.gather(loss.detach().float().reshape(1))
     check_finite(float(losses.sum()), step)
@@ -725,12 +706,10 @@ def train(cfg: TrainConfig) -> Context:
 
 
 def setup_losses(ctx: Context) -> None:
-    """The renderer loss (with the optional perceptual term) and the LPIPS metric, from local weights."""
-    perceptual = None
+    """Optional perceptual loss / LPIPS metric from local weights."""
     if ctx.cfg.stage2.perceptual_weight:
         from selftok.perceptual import load_perceptual
-        perceptual = load_perceptual(ctx.cfg.stage2.perceptual_weights).to(ctx.accelerator.device)
-    ctx.render_loss = RenderLoss(ctx.cfg.stage2, ctx.cfg.model.latent.factor, perceptual)
+        ctx.perceptual = load_perceptual(ctx.cfg.stage2.perceptual_weights).to(ctx.accelerator.device)
     if ctx.cfg.eval.lpips_weights:
         from selftok.perceptual import load_perceptual
         ctx.lpips = load_perceptual(ctx.cfg.eval.lpips_weights).to(ctx.accelerator.device)

@@ -221,31 +221,3 @@ def test_shipped_configs_load_and_build(name):
         assert tok.K == cfg.model.schedule.K
     else:
         assert cfg.model.schedule.K in (512, 1024) and cfg.model.quantizer.codebook_size == 32768
-
-
-def test_joint_renderer_in_stage_one_uses_the_stage2_loss_terms():
-    """stage1.renderer_weight weighs the same renderer loss as stage 2 (here latent MSE + the edge term)."""
-    from pathlib import Path
-
-    from selftok.config import load_config
-    from selftok.train import RenderLoss, Stage1Objective, Stage2Config, TrainConfig, build_tokenizer
-
-    cfg = load_config(TrainConfig, Path(__file__).resolve().parents[1] / "configs" / "tokenizer_smoke.yaml")
-    torch.manual_seed(0)
-    tok = build_tokenizer(cfg).eval()
-    latents = tok.latents.encode(torch.rand(3, 3, cfg.model.image_size, cfg.model.image_size))
-    render_loss = RenderLoss(Stage2Config(mse_weight=1.0, gradient_weight=2.0), cfg.model.latent.factor)
-
-    def run(weight: float):
-        fb = objectives.draw_flow_batch(tok.schedule.last_visible_at, tuple(latents.shape), tok.K,
-                                        torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            return Stage1Objective(tok, 0, weight, render_loss)(latents, fb, mix=0.0)
-
-    base, _, _ = run(0.0)
-    joint, _, metrics = run(0.5)
-    assert set(metrics) >= {"renderer/mse", "renderer/gradient"} and metrics["renderer/gradient"] > 0
-    expected = 0.5 * (metrics["renderer/mse"] + 2.0 * metrics["renderer/gradient"])
-    assert joint.item() - base.item() == pytest.approx(expected, rel=1e-4)
-    with pytest.raises(ValueError, match="render_loss"):
-        Stage1Objective(tok, 0, 1.0)
