@@ -365,7 +365,10 @@ def md_headline(r: dict[str, Any]) -> list[str]:
     for label, value, bar, digits in rows:
         shown = minutes(get(r, "timing.total")) if label == "total time" else fmt(value, digits)
         ok = r["acceptance"].get(bar) if bar else None
-        verdict = "" if bar is None else f"{bar.split(' ', 1)[1]} {'✓' if ok else '✗' if ok is False else '—'}"
+        limit = "" if bar is None else bar.split(" ", 1)[1]
+        if label == "total time":
+            limit = f"<= {minutes(float(limit.split()[-1]))}"
+        verdict = "" if bar is None else f"{limit} {'✓' if ok else '✗' if ok is False else '—'}"
         lines.append(f"| {label} | {shown} | {verdict} |")
     return lines
 
