@@ -93,6 +93,9 @@ class PolicyConfig:
     lora: LoraSpec = dataclasses.field(default_factory=LoraSpec)
     render_batch_size: int = 64
     """Images per renderer forward."""
+    attn_implementation: str | None = None
+    """transformers attention of the policy: None = transformers' default (sdpa); "eager" makes the CPU update
+    faster (torch's CPU flash-attention backward is slow on short rows)."""
 
 
 @dataclasses.dataclass
@@ -270,7 +273,8 @@ def load_policy(cfg: PolicyConfig, device: torch.device) -> Any:
                           "final/) and the Selftok tokenizer (with a renderer) it was trained on")
     # safetensors refuses "cpu:0", which is what accelerate names the CPU device of a multi-process run
     where = "cpu" if device.type == "cpu" else str(device)
-    pipe = load_pipeline(cfg.vlm_path, cfg.tokenizer_path, device=where, vae_path=cfg.vae_path)
+    pipe = load_pipeline(cfg.vlm_path, cfg.tokenizer_path, device=where, vae_path=cfg.vae_path,
+                         attn_implementation=cfg.attn_implementation)
     if pipe.image_tokenizer.renderer is None:
         raise ConfigError(f"{cfg.tokenizer_path}: this tokenizer has no renderer (its config sets renderer: null)")
     pipe.model.float()
