@@ -32,7 +32,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-WORDS = ["a", "an", "the", "red", "green", "blue", "yellow", "circle", "square", "triangle", "left", "right", "of", "above", "below", "one", "two", "three"]
+WORDS = ["a", "an", "the", "red", "green", "blue", "yellow", "circle", "square", "triangle", "left", "right", "of",
+         "above", "below", "one", "two", "three"]
 
 
 @pytest.fixture(scope="module")
