@@ -1,7 +1,7 @@
 """Benchmark: visual tokens/s of the batched, KV-cached CFG sampler against naive baselines in the same run,
 and renderer decode time per image.
 
-    python benchmarks/bench_generate.py --threads 1           # demo-sized Llama + shapes-64 tokenizer
+    python benchmarks/bench_generate.py --threads 1           # demo-sized Llama + the shipped shapes tokenizer
     python benchmarks/bench_generate.py --model runs/vlm/final --tokenizer runs/tok/final
     python benchmarks/bench_generate.py --batch-sizes 1 16 --dtype bf16 --out bench.json
 
@@ -26,12 +26,16 @@ import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from selftok.cli import setup_logging
+from selftok.config import load_config
 from vlm.generate import decode_codes, left_pad, position_ids, sample_tokens
 from vlm.model import LlamaSpec, ModelConfig, build_model, export_model
 from vlm.sampling import SamplingPolicy, policy_logprobs, sample_from_logprobs
 from vlm.vocab import Vocabulary
 
 log = logging.getLogger("bench_generate")
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def demo_setup(codebook_size: int, K: int, text_vocab: int, spec: LlamaSpec) -> tuple[torch.nn.Module, Vocabulary]:
@@ -112,14 +116,16 @@ def time_methods(names: list[str], model, vocab, prompts, policy, autocast, repe
     return best
 
 
-def load_image_tokenizer(directory: str | None, preset: str):
-    """A trained tokenizer folder, or a randomly initialised preset (decode time does not depend on weights)."""
+def load_image_tokenizer(directory: str | None, preset: str | None, train_config: str):
+    """A trained tokenizer folder, or a randomly initialised preset or training config's model (decode time does
+    not depend on the weights)."""
     from selftok.presets import get_preset
     from selftok.tokenizer import SelftokTokenizer
+    from selftok.train import TrainConfig
     if directory:
         return SelftokTokenizer.from_pretrained(directory).eval()
     torch.manual_seed(0)
-    return SelftokTokenizer(get_preset(preset)).eval()
+    return SelftokTokenizer(get_preset(preset) if preset else load_config(TrainConfig, train_config).model).eval()
 
 
 def time_decoders(tokenizer, batch: int, autocast, repeats: int, steps: int) -> dict:
@@ -147,8 +153,10 @@ def time_decoders(tokenizer, batch: int, autocast, repeats: int, steps: int) -> 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="trained VLM folder (default: a demo-sized random Llama)")
-    p.add_argument("--tokenizer", default=None, help="Selftok tokenizer folder (default: --tokenizer-preset)")
-    p.add_argument("--tokenizer-preset", default="shapes-64", help="random-weight tokenizer preset to time")
+    p.add_argument("--tokenizer", default=None, help="trained Selftok tokenizer folder (default: random weights)")
+    p.add_argument("--tokenizer-config", default=str(ROOT / "configs" / "tokenizer_shapes.yaml"),
+                   help="training config whose model section is timed with random weights")
+    p.add_argument("--tokenizer-preset", default=None, help="a selftok.presets name instead of --tokenizer-config")
     p.add_argument("--decoder-steps", type=int, default=50, help="diffusion decoder steps to time (0: skip)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokenizer = load_image_tokenizer(args.tokenizer, args.tokenizer_preset)
+    tokenizer = load_image_tokenizer(args.tokenizer, args.tokenizer_preset, args.tokenizer_config)
     if args.model:
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
                                                      attn_implementation=args.attn).eval()
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
             for name in [n for n in row if n != "ours"]:
                 row[f"speedup_vs_{name}"] = row[name]["seconds"] / row["ours"]["seconds"]
         results["sampling"][str(batch)] = row
-    results["tokenizer"] = args.tokenizer or f"preset {args.tokenizer_preset} (random init)"
+    results["tokenizer"] = args.tokenizer or f"{args.tokenizer_preset or args.tokenizer_config} (random init)"
     results["decoding"] = time_decoders(tokenizer, max(args.batch_sizes), autocast, args.repeats, args.decoder_steps)
     results["load_average_after"] = os.getloadavg()
     text = json.dumps(results, indent=2)

@@ -1,7 +1,7 @@
 """Training throughput of the tokenizer stages, and the fraction of the machine's bf16 matmul peak they reach.
 
     python benchmarks/bench_train_tokenizer.py [--config configs/tokenizer_shapes.yaml] [--steps 20]
-        [--threads N] [--device cpu|cuda] [--out result.json]
+        [--threads N] [--device cpu|cuda] [--compile] [--out result.json] [overrides, e.g. run.attention=default]
 
 Both numbers come from the same run: first the bf16 matmul peak (large square matmuls), then `--steps` timed
 optimizer steps of stage 1 (encoder + quantizer + diffusion decoder) and of stage 2 (renderer, frozen encoder)
@@ -22,7 +22,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from selftok import objectives
 from selftok.config import load_config
 from selftok.tokenizer import SelftokTokenizer
-from selftok.train import Stage1Objective, Stage2Objective, TrainConfig, set_stage_modes, step_generator
+from selftok.train import (
+    Stage1Objective,
+    Stage2Objective,
+    TrainConfig,
+    attention_kernel,
+    set_stage_modes,
+    step_generator,
+    uses_math_attention,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,14 +60,14 @@ def make_step(cfg: TrainConfig, tok: SelftokTokenizer, stage: str, device: torch
     scfg = cfg.stage1 if stage == "stage1" else cfg.stage2
     B, C, L = scfg.batch_size, cfg.model.latent.channels, cfg.model.latent_size
     latents = torch.randn(B, C, L, L, device=device).clamp(-1, 1)
-    module = Stage1Objective(tok, 0) if stage == "stage1" else Stage2Objective(tok)
+    module = Stage1Objective(tok, 0, scfg.renderer_weight) if stage == "stage1" else Stage2Objective(tok)
     params = [p for p in tok.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     counter = {"step": 0}
 
     def step() -> None:
         gen = step_generator(0, stage, counter["step"], 0)
-        with torch.autocast(device.type, torch.bfloat16):
+        with torch.autocast(device.type, torch.bfloat16), attention_kernel(cfg.run.attention, device):
             if stage == "stage1":
                 fb = objectives.draw_flow_batch(tok.schedule.last_visible_at, tuple(latents.shape), tok.K, gen,
                                                 scfg.time_sampling, cfg.model.flow.shift, scfg.condition_dropout)
@@ -97,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder, decoder and renderer")
     p.add_argument("--out", default=None)
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. stage1.batch_size=8")
     args = p.parse_args(argv)
@@ -109,6 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     for part in (tok.encoder, tok.decoder, tok.renderer):
         if part is not None:
             part.gradient_checkpointing = args.gradient_checkpointing
+            if args.compile:
+                part.compile()
     peak = matmul_peak(device)
     result = {"config": args.config, "overrides": args.overrides, "device": str(device),
               "threads": torch.get_num_threads(), "bf16_matmul_peak_flops": peak,
@@ -128,6 +139,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{stage}: {r['images_per_second']:.1f} images/s ({r['seconds_per_step']:.3f} s/step, batch {batch}), "
               f"{r['achieved_flops'] / 1e9:.1f} GFLOP/s = {100 * r['fraction_of_peak']:.1f}% of the "
               f"{peak / 1e9:.0f} GFLOP/s bf16 matmul peak")
+        if uses_math_attention(cfg.run.attention, device):
+            # the same step with torch's default attention kernel, measured in this run: the kernel choice's gain
+            cfg.run.attention, chosen = "default", cfg.run.attention
+            base = measure(*make_step(cfg, tok, stage, device), args.steps, args.warmup, device)
+            cfg.run.attention = chosen
+            r["speedup_vs_default_attention"] = base["seconds_per_step"] / r["seconds_per_step"]
+            print(f"{stage}: {r['speedup_vs_default_attention']:.2f}x the images/s of torch's default attention "
+                  f"kernel ({base['images_per_second']:.1f} images/s)")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return result

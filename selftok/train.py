@@ -22,6 +22,7 @@ and the batch of step N is a pure function of (seed, N).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from selftok import flow, objectives
@@ -184,6 +186,10 @@ class RunConfig:
     keep_checkpoints: int = 2
     compile: bool = False
     """torch.compile the trained module (≈1.1–1.4× on CPU after a ~20 s compile)."""
+    attention: Literal["auto", "math", "default"] = "auto"
+    """Training attention kernel: ``math`` = SDPA's math backend (matmul + softmax); ``default`` = torch's
+    choice; ``auto`` = math on CPU, where torch's fused flash-attention backward costs ~6× its forward on these
+    short sequences (stage 1: 1.37× the images/s on 2 cores), default elsewhere."""
     tensorboard: bool = True
 
 
@@ -485,6 +491,16 @@ def setup_stage(ctx: Context, name: str) -> StageRun:
     return StageRun(name, scfg, stage_dir, module, optimizer, base_lrs, stream, start)
 
 
+def uses_math_attention(choice: str, device: torch.device) -> bool:
+    """Whether training on `device` runs SDPA's math backend (see `RunConfig.attention`)."""
+    return choice == "math" or (choice == "auto" and device.type == "cpu")
+
+
+def attention_kernel(choice: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The SDPA backend context for a training forward pass (see `RunConfig.attention`)."""
+    return sdpa_kernel(SDPBackend.MATH) if uses_math_attention(choice, device) else contextlib.nullcontext()
+
+
 def train_step(ctx: Context, run: StageRun, step: int, batch) -> dict[str, float]:
     """One optimizer step of either stage; returns the scalars to log. Raises NonFiniteLossError on NaN/inf."""
     acc, tok, cfg = ctx.accelerator, ctx.tok, ctx.cfg
@@ -494,7 +510,7 @@ def train_step(ctx: Context, run: StageRun, step: int, batch) -> dict[str, float
     latents = tok.latents.encode(batch.to_images(acc.device))
     gen = step_generator(cfg.run.seed, run.name, step, acc.process_index)
     out: dict[str, float] = {}
-    with acc.autocast():
+    with acc.autocast(), attention_kernel(cfg.run.attention, acc.device):
         if run.name == "stage1":
             fb = objectives.draw_flow_batch(tok.schedule.last_visible_at, tuple(latents.shape), tok.K, gen,
                                             run.cfg.time_sampling, cfg.model.flow.shift, run.cfg.condition_dropout,
@@ -605,12 +621,16 @@ def check_rejects(acc, guard: RejectGuard) -> None:
 def evaluate(ctx: Context, name: str, step: int) -> None:
     """Held-out evaluation on the main process (the other ranks wait)."""
     acc = ctx.accelerator
+    joint = name == "stage1" and ctx.cfg.stage1.renderer_weight > 0  # stage 1 also trains the renderer
+    parts = ("decoder", "renderer") if joint else ("decoder",) if name == "stage1" else ("renderer",)
     if acc.is_main_process and ctx.held is not None:
-        which = "decoder" if name == "stage1" else "renderer"
-        metrics = evaluate_stage(ctx.tok, ctx.held, ctx.cfg.eval, which, ctx.out_dir / "eval", f"{name}_step{step}",
-                                 autocast=ctx.autocast, lpips=ctx.lpips)
-        acc.log({f"eval_{which}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-        ctx.results[which] = metrics
+        for which in parts:
+            tag = f"{name}_step{step}" + ("_renderer" if joint and which == "renderer" else "")
+            metrics = evaluate_stage(ctx.tok, ctx.held, ctx.cfg.eval, which, ctx.out_dir / "eval", tag,
+                                     autocast=ctx.autocast, lpips=ctx.lpips)
+            acc.log({f"{name}/eval_{which}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                    step=step)
+            ctx.results[which] = metrics
     set_stage_modes(ctx.tok, name, ctx.cfg.stage1.renderer_weight > 0)
     acc.wait_for_everyone()
 

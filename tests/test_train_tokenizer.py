@@ -119,3 +119,14 @@ def test_joint_renderer_trains_in_stage_one(tmp_path):
     final = load_file(str(out / "model" / "model.safetensors"))
     w = "renderer.final_layer.linear.weight"
     assert not torch.equal(final[w], -s1[w.replace("renderer.", "decoder.")])
+
+
+def test_jointly_trained_renderer_is_evaluated_in_stage_one(tmp_path):
+    """With `stage1.renderer_weight` the stage-1 evaluation also judges the renderer, so a run that skips
+    stage 2 still reports renderer figures."""
+    out = tmp_path / "run"
+    results = run(out, "stage1.steps=4", "stage2.steps=0", "eval.num_images=4", "eval.decoder_steps=2",
+                  "stage1.renderer_weight=1.0")
+    assert {"decoder", "renderer"} <= results.keys()
+    assert json.loads((out / "eval" / "stage1_step4_renderer.json").read_text())["which"] == "renderer"
+    assert json.loads((out / "eval" / "stage1_step4.json").read_text())["which"] == "decoder"

@@ -11,7 +11,14 @@ from selftok.metrics import psnr, ssim
 from selftok.mmdit import MMDiT, MMDiTConfig
 from selftok.renderer import Renderer, RendererConfig
 from selftok.sd3_init import SD3_PREFIX, ignored_sd3_names, load_sd3_image_stream, map_sd3_state_dict
-from selftok.train import OptimConfig, is_image_stream, lr_factor, renderer_init_from_decoder, step_generator
+from selftok.train import (
+    OptimConfig,
+    attention_kernel,
+    is_image_stream,
+    lr_factor,
+    renderer_init_from_decoder,
+    step_generator,
+)
 from selftok.train_data import batch_indices
 
 
@@ -121,6 +128,30 @@ def test_fresh_models_pass_image_information_from_the_first_step():
     r = Renderer(RendererConfig(depth=1, num_heads=2, head_dim=8, patch_size=1), num_tokens=4, out_channels=3,
                  context_dim=8, latent_size=4)
     assert torch.equal(r.positional_embedding.data, sincos_2d(16, 4))
+
+
+def test_math_attention_on_cpu_matches_the_default_kernel():
+    """`run.attention: auto` picks SDPA's math backend on CPU (the fused CPU flash backward is slow on short
+    sequences); it must give the same attention outputs and gradients as torch's default kernel."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 1, 40, 40) > 0.3
+    mask[..., 0] = True  # every query sees at least one key
+    results = []
+    for choice in ("default", "auto"):
+        with attention_kernel(choice, cpu):
+            out = sdpa(q, k, v, attn_mask=mask)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        results.append((out, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for choice, device, flash_allowed in (("auto", cpu, False), ("math", torch.device("cuda"), False),
+                                          ("auto", torch.device("cuda"), True), ("default", cpu, True)):
+        with attention_kernel(choice, device):
+            assert torch.backends.cuda.flash_sdp_enabled() is flash_allowed, (choice, device)
 
 
 def test_image_stream_names():

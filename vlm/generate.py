@@ -389,8 +389,8 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
             continue
         row = json.loads(line)
         text = row.get("prompt", row.get("caption", row.get("text"))) if isinstance(row, dict) else None
-        if not isinstance(text, str):
-            raise ValueError(f"{path}:{lineno}: a JSONL row needs a string 'prompt', 'caption' or 'text'")
+        if not isinstance(text, str):  # bad file content, not a wrong argument type: a ValueError
+            raise ValueError(f"{path}:{lineno}: a JSONL row needs a string 'prompt', 'caption' or 'text'")  # noqa: TRY004
         rows.append({**row, "prompt": text})
     return rows
 
