@@ -54,8 +54,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def make_step(cfg: TrainConfig, tok: SelftokTokenizer, stage: str, device: torch.device):
-    """A closure running one full optimizer step of `stage` on random latents."""
+def make_step(cfg: TrainConfig, tok: SelftokTokenizer, stage: str, device: torch.device, attention: str):
+    """A closure running one full optimizer step of `stage` on random latents (`attention`: as `run.attention`)."""
     set_stage_modes(tok, stage)
     scfg = cfg.stage1 if stage == "stage1" else cfg.stage2
     B, C, L = scfg.batch_size, cfg.model.latent.channels, cfg.model.latent_size
@@ -67,7 +67,7 @@ def make_step(cfg: TrainConfig, tok: SelftokTokenizer, stage: str, device: torch
 
     def step() -> None:
         gen = step_generator(0, stage, counter["step"], 0)
-        with torch.autocast(device.type, torch.bfloat16), attention_kernel(cfg.run.attention, device):
+        with torch.autocast(device.type, torch.bfloat16), attention_kernel(attention, device):
             if stage == "stage1":
                 fb = objectives.draw_flow_batch(tok.schedule.last_visible_at, tuple(latents.shape), tok.K, gen,
                                                 scfg.time_sampling, cfg.model.flow.shift, scfg.condition_dropout)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        step, batch = make_step(cfg, tok, stage, device)
+        step, batch = make_step(cfg, tok, stage, device, cfg.run.attention)
         r = measure(step, batch, args.steps, args.warmup, device)
         r["fraction_of_peak"] = r["achieved_flops"] / peak
         if device.type == "cuda":
@@ -141,9 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{peak / 1e9:.0f} GFLOP/s bf16 matmul peak")
         if uses_math_attention(cfg.run.attention, device):
             # the same step with torch's default attention kernel, measured in this run: the kernel choice's gain
-            cfg.run.attention, chosen = "default", cfg.run.attention
-            base = measure(*make_step(cfg, tok, stage, device), args.steps, args.warmup, device)
-            cfg.run.attention = chosen
+            base = measure(*make_step(cfg, tok, stage, device, "default"), args.steps, args.warmup, device)
             r["speedup_vs_default_attention"] = base["seconds_per_step"] / r["seconds_per_step"]
             print(f"{stage}: {r['speedup_vs_default_attention']:.2f}x the images/s of torch's default attention "
                   f"kernel ({base['images_per_second']:.1f} images/s)")
