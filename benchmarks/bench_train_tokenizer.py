@@ -56,8 +56,8 @@ def sync(device: torch.device) -> None:
 
 def make_step(cfg: TrainConfig, tok: SelftokTokenizer, stage: str, device: torch.device, attention: str):
     """A closure running one full optimizer step of `stage` on random latents (`attention`: as `run.attention`)."""
-    set_stage_modes(tok, stage)
     scfg = cfg.stage1 if stage == "stage1" else cfg.stage2
+    set_stage_modes(tok, stage, stage == "stage1" and scfg.renderer_weight > 0)  # as selftok.train does
     B, C, L = scfg.batch_size, cfg.model.latent.channels, cfg.model.latent_size
     latents = torch.randn(B, C, L, L, device=device).clamp(-1, 1)
     module = Stage1Objective(tok, 0, scfg.renderer_weight) if stage == "stage1" else Stage2Objective(tok)
