@@ -55,7 +55,7 @@ from selftok.runs import (
 )
 from selftok.tokenizer import SelftokTokenizer, TokenizerConfig
 from selftok.train_data import DataStream, DataStreamConfig, RejectGuard, build_source
-from selftok.train_eval import EvalConfig, HeldOut, evaluate_stage
+from selftok.train_eval import EvalConfig, HeldOut, encode_heldout, evaluate_stage
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -624,9 +624,10 @@ def evaluate(ctx: Context, name: str, step: int) -> None:
     joint = name == "stage1" and ctx.cfg.stage1.renderer_weight > 0  # stage 1 also trains the renderer
     parts = ("decoder", "renderer") if joint else ("decoder",) if name == "stage1" else ("renderer",)
     if acc.is_main_process and ctx.held is not None:
+        codes = encode_heldout(ctx.tok, ctx.held, ctx.cfg.eval.batch_size)
         for which in parts:
             tag = f"{name}_step{step}" + ("_renderer" if joint and which == "renderer" else "")
-            metrics = evaluate_stage(ctx.tok, ctx.held, ctx.cfg.eval, which, ctx.out_dir / "eval", tag,
+            metrics = evaluate_stage(ctx.tok, ctx.held, codes, ctx.cfg.eval, which, ctx.out_dir / "eval", tag,
                                      autocast=ctx.autocast, lpips=ctx.lpips)
             acc.log({f"{name}/eval_{which}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
                     step=step)

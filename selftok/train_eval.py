@@ -124,15 +124,22 @@ def save_grid(originals: Tensor, recons: Tensor, path: Path, n: int, per_row: in
     image_grid(to_pil_images(pairs), ncols=2 * min(per_row, n), pad=0).save(path)
 
 
-def evaluate_stage(tok: SelftokTokenizer, held: HeldOut, cfg: EvalConfig, which: Literal["decoder", "renderer"],
-                   out_dir: Path, tag: str, autocast: bool = True, lpips=None) -> dict[str, float]:
-    """Evaluate one reconstruction path on the held-out set; writes ``<tag>.json`` and ``<tag>.png``."""
+def encode_heldout(tok: SelftokTokenizer, held: HeldOut, batch_size: int) -> Tensor:
+    """Puts `tok` in eval mode and encodes the held-out images: (N, K) codes on the CPU, shared by the
+    evaluations of every reconstruction path."""
     tok.eval()
-    t0 = time.time()
     device = next(tok.parameters()).device
     images = held.pixels.float() / 255
-    codes = torch.cat([tok.encode(images[i:i + cfg.batch_size].to(device)).cpu()
-                       for i in range(0, len(held), cfg.batch_size)])
+    return torch.cat([tok.encode(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(held), batch_size)])
+
+
+def evaluate_stage(tok: SelftokTokenizer, held: HeldOut, codes: Tensor, cfg: EvalConfig,
+                   which: Literal["decoder", "renderer"], out_dir: Path, tag: str, autocast: bool = True,
+                   lpips=None) -> dict[str, float]:
+    """Evaluate one reconstruction path on the held-out set from its `codes` (`encode_heldout`); writes
+    ``<tag>.json`` and ``<tag>.png``."""
+    t0 = time.time()
+    images = held.pixels.float() / 255
     recons = reconstruct(tok, codes, which, cfg.decoder_steps, cfg.seed, cfg.batch_size, autocast)
     metrics = {"psnr": float(psnr(recons, images).mean()), "ssim": float(ssim(recons, images).mean()),
                "num_images": len(held), **code_statistics(codes, tok.codebook_size)}
