@@ -58,7 +58,7 @@ from rl.grpo import AdvantageScale, entropy_estimate, group_advantages, grpo_los
 from rl.prompts import PromptsConfig, PromptSets, build_prompt_sets, schedule_prompts
 from rl.rewards import Reward, RewardConfig, build_reward
 from selftok import runs
-from selftok.cli import parse_run_config, run_parser, setup_logging
+from selftok.cli import entry_point, parse_run_config, run_parser, setup_logging
 from selftok.config import ConfigError, to_dict
 from selftok.grid import image_grid, to_pil_images
 from vlm.generate import (
@@ -679,11 +679,14 @@ def run(cfg: RLConfig) -> Path:
     return final
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> int:
+    """Train per the config (final policy in ``output_dir/final``); returns the exit status."""
     parser = run_parser("python -m rl.train", "GRPO fine-tuning of a VLM over visual tokens (Selftok-Zero).")
     cfg, _ = parse_run_config(RLConfig, parser, argv)
-    return run(cfg)
+    run(cfg)
+    return 0
 
 
+cli = entry_point(main)
 if __name__ == "__main__":
-    main()
+    cli()

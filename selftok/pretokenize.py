@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from selftok.cli import parse_run_config, run_parser, setup_logging
+from selftok.cli import entry_point, parse_run_config, run_parser, setup_logging
 from selftok.config import config_diff, to_dict
 from selftok.data import DataConfig, ImageBatch, ImageSource, make_loader
 from selftok.runs import finish_distributed
@@ -415,5 +415,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if manifest is None or manifest.complete else 1
 
 
+cli = entry_point(main)
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

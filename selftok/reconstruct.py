@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from selftok.cli import parse_run_config, run_parser, setup_logging
+from selftok.cli import entry_point, parse_run_config, run_parser, setup_logging
 from selftok.config import to_dict
 from selftok.grid import image_grid, to_pil_images
 from selftok.tokenizer import SelftokTokenizer
@@ -148,12 +148,15 @@ def run(cfg: ReconstructConfig) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
+    """Reconstruct per the config (results in ``out/psnr.json``); returns the exit status."""
     setup_logging()
     parser = run_parser("selftok.reconstruct", "Reconstruct a folder of images: side-by-side grids + PSNR JSON.")
     cfg, _ = parse_run_config(ReconstructConfig, parser, argv)
-    return run(cfg)
+    run(cfg)
+    return 0
 
 
+cli = entry_point(main)
 if __name__ == "__main__":
-    main()
+    cli()

@@ -41,7 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from selftok import flow, objectives
-from selftok.cli import parse_run_config, run_parser, setup_logging
+from selftok.cli import entry_point, parse_run_config, run_parser, setup_logging
 from selftok.config import ConfigError, to_dict
 from selftok.data import DataConfig
 from selftok.layers import crop_pos_embed
@@ -676,15 +676,15 @@ def load_finished_stage(ctx: Context, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ entry point
-def main(argv: list[str] | None = None) -> dict:
-    """Train per the config; returns the summary also written to ``out_dir/summary.json``."""
+def main(argv: list[str] | None = None) -> int:
+    """Train per the config (the summary goes to ``out_dir/summary.json``); returns the exit status."""
     parser = run_parser("selftok.train", "Train a Selftok tokenizer (stage 1) and renderer (stage 2).")
     cfg, _ = parse_run_config(TrainConfig, parser, argv)
     try:
-        ctx = train(cfg)
+        train(cfg)
     finally:
         finish_distributed()
-    return ctx.results
+    return 0
 
 
 def train(cfg: TrainConfig) -> Context:
@@ -736,5 +736,6 @@ def setup_losses(ctx: Context) -> None:
         ctx.lpips = load_perceptual(ctx.cfg.eval.lpips_weights).to(ctx.accelerator.device)
 
 
+cli = entry_point(main)
 if __name__ == "__main__":
-    main()
+    cli()

@@ -315,9 +315,9 @@ def test_cli_t2i_writes_images_grid_and_settings(tmp_path, pair_dirs):
                        + json.dumps({"prompt": ""}) + "\n")
     model_dir, tok_dir = map(str, pair_dirs)
     out = tmp_path / "out"
-    record = main(["t2i", "--model", model_dir, "--tokenizer", tok_dir, "--prompts", str(prompts),
+    assert main(["t2i", "--model", model_dir, "--tokenizer", tok_dir, "--prompts", str(prompts),
                    "--n-per-prompt", "2", "--out", str(out), "--cfg-scale", "2.5", "--top-k", "30",
-                   "--batch-size", "3", "--dtype", "fp32"])
+                 "--batch-size", "3", "--dtype", "fp32"]) == 0
     assert sorted(p.name for p in (out / "images").glob("*.png")) == [
         "00000_000.png", "00000_001.png", "00001_000.png", "00001_001.png"]
     assert (out / "grid.png").is_file()
@@ -326,7 +326,7 @@ def test_cli_t2i_writes_images_grid_and_settings(tmp_path, pair_dirs):
                                  "negative_prompt": None, "temperature": 1.0, "top_k": 30, "top_p": 1.0,
                                  "vocabulary": "visual"}
     assert saved["model"].endswith("vlm") and saved["tokenizer"].endswith("tok") and saved["decoder"] == "renderer"
-    assert len({im["seed"] for im in saved["images"]}) == 4 and record["n_per_prompt"] == 2
+    assert len({im["seed"] for im in saved["images"]}) == 4 and saved["n_per_prompt"] == 2
     report = evaluate_folder(out / "images")  # the spec rides along: the output is directly scorable
     assert report["n_images"] == 4 and report["per_category"].keys() >= {"colors"}
     # same prompt + seed alone reproduces the image written in the batch
@@ -376,8 +376,9 @@ def test_cli_evaluate_scores_heldout_prompts_and_captions(tmp_path, pair_dirs):
     from selftok.shapes import heldout_prompts
     from vlm.generate import main
     out = tmp_path / "eval"
-    summary = main(["evaluate", "--model", str(pair_dirs[0]), "--tokenizer", str(pair_dirs[1]), "--out", str(out),
-                    "--n-captions", "6", "--batch-size", "32", "--max-new-tokens", "4"])
+    assert main(["evaluate", "--model", str(pair_dirs[0]), "--tokenizer", str(pair_dirs[1]), "--out", str(out),
+                 "--n-captions", "6", "--batch-size", "32", "--max-new-tokens", "4"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
     n = len(heldout_prompts())
     assert summary["t2i"]["n_images"] == n and len(list((out / "images").glob("*.png"))) == n
     assert set(summary["t2i"]["per_category"]) == {"single_object", "two_object", "counting", "colors", "position",
@@ -385,7 +386,7 @@ def test_cli_evaluate_scores_heldout_prompts_and_captions(tmp_path, pair_dirs):
     assert 0 <= summary["t2i"]["overall"] <= 1
     captions = json.loads((out / "captions.json").read_text())
     assert captions["n"] == 6 and len(captions["captions"]) == 6 and 0 <= captions["accuracy"] <= 1
-    assert json.loads((out / "summary.json").read_text())["captions"]["n"] == 6
+    assert summary["captions"]["n"] == 6
 
 
 def test_cli_rejects_a_policy_that_does_not_fit_the_verb(pair_dirs, tmp_path, capsys):

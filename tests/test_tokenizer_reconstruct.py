@@ -30,7 +30,8 @@ def test_reconstruct_folder(tmp_path):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(src / f"im{i}.png")
     (src / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
-    result = main([f"tokenizer={tmp_path / 'tok'}", f"images={src}", f"out={out}", "steps=2", "batch_size=2"])
+    assert main([f"tokenizer={tmp_path / 'tok'}", f"images={src}", f"out={out}", "steps=2", "batch_size=2"]) == 0
+    result = json.loads((out / "psnr.json").read_text())
     saved = json.loads((out / "psnr.json").read_text())
     assert saved["mean_psnr"] == result["mean_psnr"]
     assert set(saved["mean_psnr"]) == {"diffusion", "renderer"}

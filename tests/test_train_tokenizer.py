@@ -22,7 +22,8 @@ FAST = ["run.num_threads=1", "stage1.batch_size=8", "stage2.batch_size=8", "data
 
 
 def run(out_dir: Path, *overrides: str) -> dict:
-    return train_mod.main(["--config", SMOKE, f"run.out_dir={out_dir}", *FAST, *overrides])
+    assert train_mod.main(["--config", SMOKE, f"run.out_dir={out_dir}", *FAST, *overrides]) == 0
+    return json.loads((Path(out_dir) / "summary.json").read_text())
 
 
 def test_both_stages_train_evaluate_and_export(tmp_path):

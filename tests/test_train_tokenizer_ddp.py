@@ -17,7 +17,9 @@ SMOKE = ROOT / "configs" / "tokenizer_smoke.yaml"
 SCRIPT = r'''
 import json, sys
 import torch, torch.distributed as dist
+from selftok.cli import exit_process
 from selftok.config import load_config
+from selftok.runs import finish_distributed
 from selftok.train import TrainConfig, train
 cfg = load_config(TrainConfig, sys.argv[1], sys.argv[3:])
 ctx = train(cfg)
@@ -33,8 +35,8 @@ for name, v in parts.items():
     result[name + "_equal"] = all(torch.equal(gathered[0], g) for g in gathered[1:])
 if dist.get_rank() == 0:
     open(sys.argv[2], "w").write(json.dumps(result))
-dist.barrier()
-dist.destroy_process_group()
+finish_distributed()
+exit_process(0)  # not interpreter finalisation: it can abort a gloo rank (see exit_process)
 '''
 
 

@@ -40,8 +40,9 @@ def test_cosine_lr():
 
 def test_tiny_run_learns_and_saves_a_loadable_model(shards, tmp_path):
     run = tmp_path / "run"
-    final = main(args(shards, run, "optim.max_steps=60", "optim.lr=1e-2", "checkpoint_every=30",
-                      "data.packing=true"))
+    assert main(args(shards, run, "optim.max_steps=60", "optim.lr=1e-2", "checkpoint_every=30",
+                     "data.packing=true")) == 0
+    final = run / "final"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 60 and {"loss_t2i", "loss_i2t", "tokens_per_s", "lr", "grad_norm"} <= set(rows[0])
     assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]

@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from selftok.cli import setup_logging
+from selftok.cli import entry_point, setup_logging
 from selftok.config import to_dict
 from selftok.grid import image_grid, pil_to_tensor, to_pil_images
 from selftok.shapes.folder import IMAGE_SUFFIXES
@@ -453,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> int:
+    """Run the verb (its record goes to ``--out``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging()
@@ -478,15 +479,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if not rows:
                 parser.error(f"{args.prompts}: no prompts")
             record.update(decoder=args.decoder, steps=args.steps if args.decoder == "diffusion" else None)
-            return write_t2i(pipe, rows, policy, args.n_per_prompt, Path(args.out), record, args.decoder,
-                             args.steps, args.batch_size, args.seed)
-        if args.verb == "caption":
-            return write_captions(pipe, Path(args.images), policy, Path(args.out), record, args.question,
-                                  args.max_new_tokens, args.batch_size, args.seed)
-        from vlm.evaluation import evaluate_shapes  # imports this module: import here, not at the top
-        record.update(decoder=args.decoder, steps=args.steps if args.decoder == "diffusion" else None)
-        return evaluate_shapes(pipe, policy, Path(args.out), record, args.n_per_prompt, args.n_captions,
-                               args.decoder, args.steps, args.batch_size, args.max_new_tokens)
+            write_t2i(pipe, rows, policy, args.n_per_prompt, Path(args.out), record, args.decoder,
+                      args.steps, args.batch_size, args.seed)
+        elif args.verb == "caption":
+            write_captions(pipe, Path(args.images), policy, Path(args.out), record, args.question,
+                           args.max_new_tokens, args.batch_size, args.seed)
+        else:
+            from vlm.evaluation import evaluate_shapes  # imports this module: import here, not at the top
+            record.update(decoder=args.decoder, steps=args.steps if args.decoder == "diffusion" else None)
+            evaluate_shapes(pipe, policy, Path(args.out), record, args.n_per_prompt, args.n_captions,
+                            args.decoder, args.steps, args.batch_size, args.max_new_tokens)
+    return 0
 
 
 def _autocast(device: str, dtype: str):
@@ -554,5 +557,6 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+cli = entry_point(main)
 if __name__ == "__main__":
-    main()
+    cli()

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from selftok import runs
-from selftok.cli import parse_run_config, run_parser, setup_logging
+from selftok.cli import entry_point, parse_run_config, run_parser, setup_logging
 from selftok.config import to_dict
 from vlm.data import TASKS, DataConfig, MixedStream, TokenSource
 from vlm.loss import backward_scale, next_token_loss_sums, unigram_entropy
@@ -358,11 +358,14 @@ def run(cfg: TrainConfig) -> Path:
     return final
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> int:
+    """Train per the config (final model in ``output_dir/final``); returns the exit status."""
     parser = run_parser("python -m vlm.train", "Train a causal LM on Selftok visual tokens (t2i + i2t).")
     cfg, _ = parse_run_config(TrainConfig, parser, argv)
-    return run(cfg)
+    run(cfg)
+    return 0
 
 
+cli = entry_point(main)
 if __name__ == "__main__":
-    main()
+    cli()

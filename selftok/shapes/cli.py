@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from selftok.cli import setup_logging
+from selftok.cli import entry_point, setup_logging
 from selftok.shapes.folder import evaluate_folder, export_split
 from selftok.shapes.grammar import write_prompts
 from selftok.shapes.spec import CATEGORIES
@@ -83,5 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+cli = entry_point(main)
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
