@@ -16,14 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from selftok.layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    attention,
+    checkpoint,
     crop_pos_embed,
     layer_norm,
     modulate,
@@ -88,10 +88,10 @@ class DualAttention(nn.Module):
         x_out = None
         if self.image_stream:
             q, k, v = self.qkv(xn).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-            x_out = self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, h))
+            x_out = self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, h))
         k_img, v_img = self.to_query_kv(xn).reshape(B, N, 2, self.query_heads, -1).permute(2, 0, 3, 1, 4)
         qq, kq, vq = self.query_linear(qn).reshape(B, K, 3, self.query_heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qq, torch.cat([k_img, kq], dim=2), torch.cat([v_img, vq], dim=2))
+        out = attention(qq, torch.cat([k_img, kq], dim=2), torch.cat([v_img, vq], dim=2))
         return x_out, self.query_proj(out.transpose(1, 2).reshape(B, K, qd))
 
 
@@ -170,7 +170,7 @@ class QFormerEncoder(nn.Module):
         q = self.query_tokens.expand(latents.shape[0], -1, -1)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, q = torch.utils.checkpoint.checkpoint(block, x, q, use_reentrant=False)
+                x, q = checkpoint(block, x, q)
             else:
                 x, q = block(x, q)
         return q

@@ -6,14 +6,59 @@ weights give the same outputs.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 #: LayerNorm epsilon used everywhere in Selftok.
 LN_EPS = 1e-6
+
+_EXPLICIT_ATTENTION = contextvars.ContextVar("selftok_explicit_attention", default=False)
+
+
+@contextlib.contextmanager
+def explicit_attention() -> Iterator[None]:
+    """Within this context `attention` runs as plain matmul + softmax in the inputs' dtype (bf16 under
+    autocast) instead of torch's SDPA. For CPU training: on these 32-160-key sequences torch's fused CPU
+    flash-attention backward costs ~6x its forward, and SDPA's math backend upcasts bf16 inputs to fp32 and
+    adds a fully-masked-row check (`_safe_softmax`); this is 2-2.5x faster than the math backend per call,
+    forward + backward (`benchmarks/bench_train_tokenizer.py`)."""
+    token = _EXPLICIT_ATTENTION.set(True)
+    try:
+        yield
+    finally:
+        _EXPLICIT_ATTENTION.reset(token)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Scaled dot-product attention on (B, H, L, head_dim) tensors; mask: (B, 1, Lq, Lk) bool, True = may
+    attend. Torch's SDPA, or inside `explicit_attention` the same function as matmul + softmax; there a query
+    row that may attend nothing averages all values instead of giving zeros (finite either way; such rows are
+    the context rows of a sample without visible tokens, whose outputs nothing reads)."""
+    if not _EXPLICIT_ATTENTION.get():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
+        scores = scores + bias.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    return scores.softmax(-1, dtype=scores.dtype) @ v
+
+
+def checkpoint(block: nn.Module, *args):
+    """Non-reentrant activation checkpointing of `block(*args)` whose recomputation (during backward, outside
+    the forward's contexts) runs the same attention as the forward did."""
+    explicit = _EXPLICIT_ATTENTION.get()
+
+    def contexts():
+        return contextlib.nullcontext(), (explicit_attention() if explicit else contextlib.nullcontext())
+
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, context_fn=contexts)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

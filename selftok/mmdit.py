@@ -18,14 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from selftok.layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    attention,
+    checkpoint,
     crop_pos_embed,
     layer_norm,
     modulate,
@@ -149,7 +149,7 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, mask: Tenso
     """Multi-head SDPA on (B, L, D) tensors with heads split as (L, H, head_dim). mask: (B, 1, Lq, Lk) bool."""
     B, Lq, D = q.shape
     q, k, v = (t.reshape(B, t.shape[1], num_heads, D // num_heads).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = attention(q, k, v, mask)
     return out.transpose(1, 2).reshape(B, Lq, D)
 
 
@@ -223,8 +223,7 @@ class TokenConditionedTransformer(nn.Module):
             elif mod is not None:
                 mod = mod[:, :K]
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                context, x = torch.utils.checkpoint.checkpoint(block, context, x, c, mod, attn_mask,
-                                                               use_reentrant=False)
+                context, x = checkpoint(block, context, x, c, mod, attn_mask)
             else:
                 context, x = block(context, x, c, mod, attn_mask)
         return self.final_layer(x, c)

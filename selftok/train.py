@@ -37,14 +37,13 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from selftok import flow, objectives
 from selftok.cli import entry_point, parse_run_config, run_parser, setup_logging
 from selftok.config import ConfigError, to_dict
 from selftok.data import DataConfig
-from selftok.layers import crop_pos_embed
+from selftok.layers import crop_pos_embed, explicit_attention
 from selftok.runs import (
     check_finite,
     checkpoint_step,
@@ -187,9 +186,10 @@ class RunConfig:
     compile: bool = False
     """torch.compile the trained module (≈1.1–1.4× on CPU after a ~20 s compile)."""
     attention: Literal["auto", "math", "default"] = "auto"
-    """Training attention kernel: ``math`` = SDPA's math backend (matmul + softmax); ``default`` = torch's
-    choice; ``auto`` = math on CPU, where torch's fused flash-attention backward costs ~6× its forward on these
-    short sequences (a full shapes run: stage 1 1.28×, stage 2 1.33× faster on 2 cores), default elsewhere."""
+    """Training attention kernel: ``math`` = plain matmul + softmax in the compute dtype
+    (`selftok.layers.explicit_attention`); ``default`` = torch's SDPA choice; ``auto`` = math on CPU, where
+    torch's fused flash-attention backward costs ~6× its forward on these short sequences and SDPA's own math
+    backend upcasts to fp32, default elsewhere."""
     tensorboard: bool = True
 
 
@@ -492,13 +492,13 @@ def setup_stage(ctx: Context, name: str) -> StageRun:
 
 
 def uses_math_attention(choice: str, device: torch.device) -> bool:
-    """Whether training on `device` runs SDPA's math backend (see `RunConfig.attention`)."""
+    """Whether training on `device` runs the explicit matmul + softmax attention (see `RunConfig.attention`)."""
     return choice == "math" or (choice == "auto" and device.type == "cpu")
 
 
 def attention_kernel(choice: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The SDPA backend context for a training forward pass (see `RunConfig.attention`)."""
-    return sdpa_kernel(SDPBackend.MATH) if uses_math_attention(choice, device) else contextlib.nullcontext()
+    """The attention context for a training forward pass (see `RunConfig.attention`)."""
+    return explicit_attention() if uses_math_attention(choice, device) else contextlib.nullcontext()
 
 
 def train_step(ctx: Context, run: StageRun, step: int, batch) -> dict[str, float]:

@@ -18,6 +18,7 @@ from selftok.train import (
     lr_factor,
     renderer_init_from_decoder,
     step_generator,
+    uses_math_attention,
 )
 from selftok.train_data import batch_indices
 
@@ -130,10 +131,13 @@ def test_fresh_models_pass_image_information_from_the_first_step():
     assert torch.equal(r.positional_embedding.data, sincos_2d(16, 4))
 
 
-def test_math_attention_on_cpu_matches_the_default_kernel():
-    """`run.attention: auto` picks SDPA's math backend on CPU (the fused CPU flash backward is slow on short
-    sequences); it must give the same attention outputs and gradients as torch's default kernel."""
+def test_explicit_attention_matches_sdpa():
+    """`run.attention: auto` runs attention as plain matmul + softmax on CPU (torch's fused CPU flash backward
+    and SDPA's fp32-upcasting math backend are slow on short sequences); it must give SDPA's outputs and
+    gradients, keep a query row that may attend nothing finite, and stay off on GPUs."""
     from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from selftok.layers import attention
 
     cpu = torch.device("cpu")
     torch.manual_seed(0)
@@ -143,15 +147,45 @@ def test_math_attention_on_cpu_matches_the_default_kernel():
     results = []
     for choice in ("default", "auto"):
         with attention_kernel(choice, cpu):
-            out = sdpa(q, k, v, attn_mask=mask)
+            out = attention(q, k, v, mask)
         grads = torch.autograd.grad(out.square().sum(), (q, k, v))
         results.append((out, *grads))
+    reference = sdpa(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(results[0][0], reference)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    for choice, device, flash_allowed in (("auto", cpu, False), ("math", torch.device("cuda"), False),
-                                          ("auto", torch.device("cuda"), True), ("default", cpu, True)):
-        with attention_kernel(choice, device):
-            assert torch.backends.cuda.flash_sdp_enabled() is flash_allowed, (choice, device)
+    with attention_kernel("auto", cpu), torch.autocast("cpu", torch.bfloat16):  # the training path
+        low = attention(q, k, v, mask)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), reference, atol=0.05, rtol=0.05)
+    blind = mask.clone()
+    blind[0, :, 5] = False  # query row 5 of sample 0 may attend nothing
+    with attention_kernel("auto", cpu):
+        out = attention(q, k, v, blind)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1], sdpa(q, k, v, attn_mask=blind)[1])  # other samples unaffected
+    for choice, device, explicit in (("auto", cpu, True), ("math", torch.device("cuda"), True),
+                                     ("auto", torch.device("cuda"), False), ("default", cpu, False)):
+        assert uses_math_attention(choice, device) is explicit, (choice, device)
+
+
+def test_gradient_checkpointing_recomputes_with_the_forwards_attention():
+    """Checkpointed blocks are recomputed during backward, outside the forward's `attention_kernel` context;
+    the recomputation must still run the explicit attention, so gradients equal the uncheckpointed ones."""
+    torch.manual_seed(0)
+    K, C, L = 6, 12, 8
+    decoder = MMDiT(MMDiTConfig(depth=2, num_heads=2, head_dim=8, context_see_xt=False), K, C, 5, L)
+    for p in decoder.parameters():                      # make the zero-initialised gates non-trivial
+        p.data.add_(0.05 * torch.randn_like(p))
+    x_t, t, vectors = torch.randn(3, C, L, L), torch.rand(3), torch.randn(3, K, 5)
+    mask = torch.arange(K)[None] < torch.tensor([[2], [6], [0]])  # partly, fully and not visible
+    grads = []
+    for ckpt in (False, True):
+        decoder.gradient_checkpointing = ckpt
+        with attention_kernel("auto", torch.device("cpu")):
+            loss = decoder(x_t, t, vectors, mask).square().sum()
+        grads.append(torch.autograd.grad(loss, list(decoder.parameters())))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def test_image_stream_names():
