@@ -1,11 +1,13 @@
 """The demo's report (scripts/demo.py): report.json, report.md (a one-page story) and PNG grids.
 
-Every number is read from what the stages wrote — nothing is recomputed or estimated here:
+Every number is read from what the stages wrote; the one computed here is RL's paired change, from the two
+evaluations' per-image verdicts (the same prompts and seeds):
 
     tokenizer.*          tokenizer/eval/<stage>_step<N>.json   (selftok.train's held-out evaluation, last step)
     vlm.geneval_heldout  vlm_eval/summary.json                 (vlm.generate evaluate: 96 held-out prompts)
     vlm.caption_accuracy vlm_eval/summary.json                 (captions of held-out scenes judged true)
     rl.geneval_heldout   rl_eval/summary.json                  (the same prompts and seeds after RL)
+    rl.change_vs_vlm     {vlm,rl}_eval/t2i_report.json         (after − before, paired standard error)
     timing.<stage>       stages/<stage>.done.json              (seconds, all attempts of the stage)
 
 A stage that has not run leaves its keys out and is listed under ``missing``; ``complete`` is true only when
@@ -27,7 +29,7 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 
 from selftok.config import to_dict
-from selftok.shapes import CATEGORIES, heldout_prompts, make_example
+from selftok.shapes import CATEGORIES, heldout_prompts, make_example, paired_change
 
 log = logging.getLogger("demo")
 
@@ -97,12 +99,24 @@ def eval_section(summary: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     t2i = summary.get("t2i", {})
     section: dict[str, Any] = {"geneval_heldout": {"overall": t2i.get("overall"), **t2i.get("per_category", {})},
-                               "n_images": t2i.get("n_images")}
+                               "overall_standard_error": t2i.get("overall_standard_error"), "n_images": t2i.get("n_images")}
     if "captions" in summary:
         section["caption_accuracy"] = summary["captions"].get("accuracy")
         section["caption_exact_match"] = summary["captions"].get("exact_match")
         section["captions_per_category"] = summary["captions"].get("per_category")
     return section
+
+
+def rl_change(out: Path) -> dict[str, Any] | None:
+    """Held-out `overall` after RL − before, paired over the same images (None if a report is unreadable)."""
+    before, after = (read_json(out / d / "t2i_report.json") for d in ("vlm_eval", "rl_eval"))
+    if not before or not after:
+        return None
+    try:
+        return paired_change(before["images"], after["images"])
+    except (KeyError, ValueError) as e:
+        log.warning("no paired RL change: %s", e)
+        return None
 
 
 def training_summary(run_dir: Path, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -179,6 +193,9 @@ def collect(cfg: Any, out: Path, stages: list[Any], repo: Path) -> dict[str, Any
     if rl is not None or done.get("rl"):
         report["rl"] = {**(rl or {}), "training": training_summary(out / "rl", ("reward_mean", "train_accuracy")),
                         "eval_during_training": read_jsonl(out / "rl" / "eval.jsonl")}
+        change = rl_change(out) if vlm is not None and rl is not None else None
+        if change is not None:
+            report["rl"]["change_vs_vlm"] = change
     timing = {n: r["seconds"] for n, r in done.items() if r is not None}
     report["timing"] = {**timing, "total": sum(timing.values())}
     report["config"] = {"demo": to_dict(cfg), "stages": {
@@ -350,6 +367,14 @@ def minutes(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+#: Headline rows shown with a standard error (± one s.e., prompts as the sampled units).
+STANDARD_ERRORS = {
+    "held-out GenEval-style accuracy, before RL": "vlm.overall_standard_error",
+    "held-out GenEval-style accuracy, after RL": "rl.overall_standard_error",
+    "change after RL (paired, same prompts and seeds)": "rl.change_vs_vlm.standard_error",
+}
+
+
 def md_headline(r: dict[str, Any]) -> list[str]:
     lines = ["| measure | value | bar (full demo) |", "|---|---|---|"]
     rows = [("tokenizer PSNR (dB, held-out)", get(r, "tokenizer.psnr"), None, 2),
@@ -361,9 +386,13 @@ def md_headline(r: dict[str, Any]) -> list[str]:
             ("held-out caption accuracy", get(r, "vlm.caption_accuracy"), "vlm.caption_accuracy >= 0.8", 3),
             ("held-out GenEval-style accuracy, after RL", get(r, "rl.geneval_heldout.overall"),
              "rl.geneval_heldout.overall >= vlm.geneval_heldout.overall + 0.1", 3),
+            ("change after RL (paired, same prompts and seeds)", get(r, "rl.change_vs_vlm.change"), None, 3),
             ("total time", None, "timing.total <= 2400", 0)]
     for label, value, bar, digits in rows:
         shown = minutes(get(r, "timing.total")) if label == "total time" else fmt(value, digits)
+        se = get(r, STANDARD_ERRORS.get(label, ""))
+        if se is not None:
+            shown += f" ± {se:.{digits}f}"
         ok = r["acceptance"].get(bar) if bar else None
         limit = "" if bar is None else bar.split(" ", 1)[1]
         if label == "total time":
@@ -434,6 +463,8 @@ def write_markdown(r: dict[str, Any], stages: list[Any], out: Path) -> None:
          f"(torch {v['torch']}, commit {str(v['git_commit'])[:10]}). Every number is in `report.json`; a "
          "dotted name such as `vlm.geneval_heldout.overall` addresses its nested objects."), "",
         *md_headline(r), "",
+        ("± one standard error, with the held-out prompts as the sampled units (the seeds of one prompt are "
+         "not independent draws); the paired change compares each image before and after RL."), "",
         *([("*Smoke run: every stage at minimal size; the bars are for the full demo and are not expected "
             "here.*"), ""] if "smoke" in r["name"] else []),
         "## 1. The world",

@@ -223,6 +223,11 @@ def test_smoke_report_holds_the_keys(smoke):
     if "rl_eval" in done:
         for key in ("overall", *CATEGORIES):
             assert 0 <= report["rl"]["geneval_heldout"][key] <= 1
+        change = report["rl"]["change_vs_vlm"]  # paired over the same held-out images
+        assert change["n_images"] == report["vlm"]["n_images"] and -1 <= change["change"] <= 1
+        assert change["change"] == pytest.approx(report["rl"]["geneval_heldout"]["overall"]
+                                                 - report["vlm"]["geneval_heldout"]["overall"])
+        assert "change after RL (paired" in (out / "report.md").read_text()
         assert (out / "heldout_before_after.png").is_file()
 
 

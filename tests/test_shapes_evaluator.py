@@ -23,6 +23,8 @@ from selftok.shapes import (
     evaluate_image,
     judge,
     make_example,
+    overall_standard_error,
+    paired_change,
     parse_prompt,
     render_scene,
     render_spec,
@@ -95,6 +97,34 @@ def test_aggregate_is_the_mean_over_categories():
     assert s.per_category == {"counting": 0.75, "colors": 0.0}
     assert s.overall == pytest.approx(0.375) and s.n == 7 and s.n_errors == 1
     assert s.counts == {"counting": 4, "colors": 3}
+
+
+def test_standard_error_treats_prompts_as_the_sampled_units():
+    # category a: prompts p (2 seeds, both right) and q (both wrong) -> prompt means 1, 0: variance 0.5 over 2
+    # prompts; category b: prompts r, s both half right -> variance 0. overall s.e. = sqrt(0.25 + 0) / 2
+    rows = [("a", "p", 1), ("a", "p", 1), ("a", "q", 0), ("a", "q", 0),
+            ("b", "r", 1), ("b", "r", 0), ("b", "s", 0), ("b", "s", 1)]
+    assert overall_standard_error(rows) == pytest.approx(0.25)
+    # the same four outcomes as independent images of four prompts would give a smaller error
+    assert overall_standard_error([("a", str(i), v) for i, v in enumerate((1, 1, 0, 0))]) == pytest.approx(
+        (1 / 3 / 4) ** 0.5)
+    assert overall_standard_error([("a", "p", 1), ("a", "p", 0)]) is None  # one prompt: no spread to measure
+
+
+def test_paired_change_matches_images_by_file_name():
+    def rec(name, tag, prompt, correct):
+        return {"file_name": name, "tag": tag, "prompt": prompt, "correct": correct}
+    before = [rec("0.png", "a", "p", False), rec("1.png", "a", "q", True), rec("2.png", "b", "r", False),
+              rec("3.png", "b", "s", False)]
+    after = [rec("3.png", "b", "s", True), rec("2.png", "b", "r", False), rec("1.png", "a", "q", True),
+             rec("0.png", "a", "p", True)]
+    change = paired_change(before, after)
+    # a: +1, 0 -> mean 0.5; b: 0, +1 -> 0.5; per-prompt differences vary by 0.5 in each category
+    assert change["change"] == pytest.approx(0.5) and change["n_images"] == 4
+    assert change["standard_error"] == pytest.approx(((0.5 / 2) + (0.5 / 2)) ** 0.5 / 2)
+    assert paired_change(before, before) == {"change": 0.0, "standard_error": 0.0, "n_images": 4}
+    with pytest.raises(ValueError, match="same image files"):
+        paired_change(before, after[:3])
 
 
 def test_colour_classification_tolerates_shifts():

@@ -34,8 +34,8 @@ def evaluate_t2i(pipe: Pipeline, policy: SamplingPolicy, out: Path, record: dict
     write_t2i(pipe, rows, policy, n_per_prompt, out, record, decoder, steps, batch_size, seeds=seeds)
     report = evaluate_folder(out / "images")
     write_atomic(out / "t2i_report.json", json.dumps(report, indent=2) + "\n")
-    return {"overall": report["overall"], "per_category": report["per_category"], "n_images": report["n_images"],
-            "claims": report["claims"]}
+    return {"overall": report["overall"], "overall_standard_error": report["overall_standard_error"],
+            "per_category": report["per_category"], "n_images": report["n_images"], "claims": report["claims"]}
 
 
 def caption_verdict(caption: str, example: Any) -> dict[str, Any]:
@@ -78,7 +78,8 @@ def evaluate_shapes(pipe: Pipeline, policy: SamplingPolicy, out: Path, record: d
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"t2i": evaluate_t2i(pipe, policy, out, record, n_per_prompt, decoder, steps,
                                                    batch_size)}
-    log.info("held-out t2i: overall %.3f %s", summary["t2i"]["overall"], summary["t2i"]["per_category"])
+    log.info("held-out t2i: overall %.3f (standard error over prompts %s) %s", summary["t2i"]["overall"],
+             summary["t2i"]["overall_standard_error"], summary["t2i"]["per_category"])
     if n_captions > 0:
         captions = evaluate_captions(pipe, n_captions, batch_size, max_new_tokens)
         write_atomic(out / "captions.json", json.dumps(captions, indent=2) + "\n")

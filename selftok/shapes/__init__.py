@@ -24,6 +24,8 @@ from selftok.shapes.evaluator import (
                                       detect_objects,
                                       evaluate_image,
                                       judge,
+                                      overall_standard_error,
+                                      paired_change,
 )
 from selftok.shapes.folder import evaluate_folder, export_split
 from selftok.shapes.grammar import (
@@ -60,7 +62,8 @@ __all__ = [
     "Scores", "ShapeObject", "SpecError",
     "aggregate", "all_specs", "build_dataset", "caption_variants", "color_attr_spec", "colors_spec",
     "counting_spec", "detect_objects", "evaluate_folder", "evaluate_image", "export_split", "heldout_prompts",
-    "iter_examples", "judge", "load_prompts", "make_example", "parse_prompt", "position_spec", "render_scene",
+    "iter_examples", "judge", "load_prompts", "make_example", "overall_standard_error", "paired_change",
+    "parse_prompt", "position_spec", "render_scene",
     "render_spec", "sample_caption", "sample_scene", "scene_spec", "single_object_spec", "spec_signature",
     "split_of", "split_specs", "two_object_spec", "validate_spec", "write_prompts",
 ]

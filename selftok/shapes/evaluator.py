@@ -11,12 +11,15 @@ top-`count` objects of its class (ranked by shape-fit score; a clause that names
 that colour first, which only matters when there are more objects of the class than the clause counts);
 colour: at least `count` of them have the colour; position: every one of them stands in the relation to
 every object matched by the referenced clause, by GenEval's shrunk-offset rule; exclude: fewer than `count`
-objects of the class. Scores (`aggregate`): per-category accuracy, overall = mean over categories.
+objects of the class. Scores (`aggregate`): per-category accuracy, overall = mean over categories; its
+standard error (`overall_standard_error`) and the paired change between two runs on the same prompts and
+seeds (`paired_change`) treat prompts as the sampled units.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -428,6 +431,37 @@ def aggregate(judgements: Iterable[Judgement]) -> Scores:
                   counts={t: len(v) for t, v in per.items()},
                   claims={k: sum(v) / len(v) for k, v in kinds.items()},
                   n=sum(len(v) for v in per.values()), n_errors=n_errors)
+
+
+def overall_standard_error(rows: Iterable[tuple[str, str, float]]) -> float | None:
+    """Standard error of a GenEval `overall` (the mean over categories of per-category accuracies).
+
+    `rows`: (category, prompt, value) per image; value = 1/0 for a correct/incorrect image, or an image's
+    after − before difference for a paired comparison. The prompts are the sampled units: images of one prompt
+    (several seeds) are not independent draws, so each category's variance is that of its per-prompt means
+    over its number of prompts. None when a category has fewer than two prompts."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for tag, prompt, value in rows:
+        per.setdefault(tag, {}).setdefault(prompt, []).append(float(value))
+    if not per or any(len(prompts) < 2 for prompts in per.values()):
+        return None
+    variance = sum(statistics.variance([sum(v) / len(v) for v in prompts.values()]) / len(prompts)
+                   for prompts in per.values())
+    return math.sqrt(variance) / len(per)
+
+
+def paired_change(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, Any]:
+    """`overall` after − before for two evaluations of the same images (same prompts and seeds; the per-image
+    records of `evaluate_folder`'s report, matched by ``file_name``), with its paired standard error."""
+    old = {r["file_name"]: r for r in before}
+    if sorted(old) != sorted(r["file_name"] for r in after):
+        raise ValueError("paired_change: the two evaluations do not cover the same image files")
+    rows = [(r["tag"], r["prompt"], float(r["correct"]) - float(old[r["file_name"]]["correct"])) for r in after]
+    per: dict[str, list[float]] = {}
+    for tag, _, d in rows:
+        per.setdefault(tag, []).append(d)
+    return {"change": sum(sum(v) / len(v) for v in per.values()) / len(per) if per else 0.0,
+            "standard_error": overall_standard_error(rows), "n_images": len(rows)}
 
 
 def scene_objects(scene: Scene) -> list[Detection]:

@@ -21,7 +21,14 @@ from typing import Any
 from tqdm import tqdm
 
 from selftok.shapes.dataset import iter_examples
-from selftok.shapes.evaluator import EvaluatorConfig, ImageError, aggregate, evaluate_image, failed_judgement
+from selftok.shapes.evaluator import (
+    EvaluatorConfig,
+    ImageError,
+    aggregate,
+    evaluate_image,
+    failed_judgement,
+    overall_standard_error,
+)
 from selftok.shapes.grammar import PromptParseError, parse_prompt
 from selftok.shapes.spec import SpecError
 
@@ -56,7 +63,7 @@ def export_split(out_dir: str | Path, split: str, n: int, seed: int = 0, size: i
 def evaluate_folder(images_dir: str | Path, metadata: str | Path | None = None,
                     config: EvaluatorConfig | None = None, spec_key: str = "spec") -> dict[str, Any]:
     """Judge every image listed in the folder's metadata; returns the JSON-ready report with `overall`,
-    `per_category`, `counts`, `claims`, `n_images`, `n_errors`, `images` (one verdict per listed file, with
+    `overall_standard_error` (prompts as the sampled units; None with < 2 prompts per category), `per_category`, `counts`, `claims`, `n_images`, `n_errors`, `images` (one verdict per listed file, with
     claims and detected objects), `errors` (file, message) and `unlisted` (image files without metadata).
 
     `spec_key` picks the metadata column holding the spec (e.g. "scene_spec" to judge attribute
@@ -82,8 +89,9 @@ def evaluate_folder(images_dir: str | Path, metadata: str | Path | None = None,
     unlisted = sorted(str(p.relative_to(root)) for p in root.rglob("*")
                       if p.suffix.lower() in IMAGE_SUFFIXES and p.resolve() not in listed)
     scores = aggregate(verdicts)
-    return {"overall": scores.overall, "per_category": scores.per_category, "counts": scores.counts,
-            "claims": scores.claims, "n_images": scores.n, "n_errors": scores.n_errors, "errors": errors,
+    se = overall_standard_error((v.tag, v.prompt, v.correct) for v in verdicts)
+    return {"overall": scores.overall, "overall_standard_error": se, "per_category": scores.per_category,
+            "counts": scores.counts, "claims": scores.claims, "n_images": scores.n, "n_errors": scores.n_errors, "errors": errors,
             "unlisted": unlisted, "images": images}
 
 
