@@ -28,7 +28,8 @@ def explicit_attention() -> Iterator[None]:
     autocast) instead of torch's SDPA. For CPU training: on these 32-160-key sequences torch's fused CPU
     flash-attention backward costs ~6x its forward, and SDPA's math backend upcasts bf16 inputs to fp32 and
     adds a fully-masked-row check (`_safe_softmax`); this is 2-2.5x faster than the math backend per call,
-    forward + backward (`benchmarks/bench_train_tokenizer.py`)."""
+    forward + backward (docs/tokenizer_training.md, "Speed"). Training only: inference keeps SDPA, whose
+    float32 outputs match the official implementation."""
     token = _EXPLICIT_ATTENTION.set(True)
     try:
         yield
