@@ -99,7 +99,8 @@ def eval_section(summary: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     t2i = summary.get("t2i", {})
     section: dict[str, Any] = {"geneval_heldout": {"overall": t2i.get("overall"), **t2i.get("per_category", {})},
-                               "overall_standard_error": t2i.get("overall_standard_error"), "n_images": t2i.get("n_images")}
+                               "overall_standard_error": t2i.get("overall_standard_error"),
+                               "n_images": t2i.get("n_images")}
     if "captions" in summary:
         section["caption_accuracy"] = summary["captions"].get("accuracy")
         section["caption_exact_match"] = summary["captions"].get("exact_match")

@@ -63,7 +63,8 @@ def export_split(out_dir: str | Path, split: str, n: int, seed: int = 0, size: i
 def evaluate_folder(images_dir: str | Path, metadata: str | Path | None = None,
                     config: EvaluatorConfig | None = None, spec_key: str = "spec") -> dict[str, Any]:
     """Judge every image listed in the folder's metadata; returns the JSON-ready report with `overall`,
-    `overall_standard_error` (prompts as the sampled units; None with < 2 prompts per category), `per_category`, `counts`, `claims`, `n_images`, `n_errors`, `images` (one verdict per listed file, with
+    `overall_standard_error` (prompts as the sampled units; None with < 2 prompts per category),
+    `per_category`, `counts`, `claims`, `n_images`, `n_errors`, `images` (one verdict per listed file, with
     claims and detected objects), `errors` (file, message) and `unlisted` (image files without metadata).
 
     `spec_key` picks the metadata column holding the spec (e.g. "scene_spec" to judge attribute
@@ -91,8 +92,8 @@ def evaluate_folder(images_dir: str | Path, metadata: str | Path | None = None,
     scores = aggregate(verdicts)
     se = overall_standard_error((v.tag, v.prompt, v.correct) for v in verdicts)
     return {"overall": scores.overall, "overall_standard_error": se, "per_category": scores.per_category,
-            "counts": scores.counts, "claims": scores.claims, "n_images": scores.n, "n_errors": scores.n_errors, "errors": errors,
-            "unlisted": unlisted, "images": images}
+            "counts": scores.counts, "claims": scores.claims, "n_images": scores.n, "n_errors": scores.n_errors,
+            "errors": errors, "unlisted": unlisted, "images": images}
 
 
 def _entries(root: Path, metadata: Path | None, spec_key: str) -> list[tuple[Path, Any, str | None]]:
