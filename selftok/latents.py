@@ -6,8 +6,13 @@
   Nothing is downloaded: `path` is a local diffusers directory (the VAE folder itself, or a pipeline folder
   with a ``vae/`` subfolder). The VAE is loaded lazily on first use and is not part of the tokenizer's
   weights.
-* ``pixel``: a lossless pixel-space adapter for small images (e.g. the 64-px shapes world): [−1, 1] pixels,
-  pixel-unshuffled by `factor` into 3·factor² channels. Decoding is the exact inverse (then clamped).
+* ``autoencoder``: a small learned diffusers ``AutoencoderKL`` (the SD3 VAE's class in a tiny config) for
+  small images such as the 64-px shapes world, trained by ``selftok.train`` ("stage 0") and then frozen. Its
+  weights and per-channel latent normalisation ``z' = (z − mean) / std`` are part of the tokenizer's
+  weights (``latents.*`` in ``model.safetensors``), so a saved tokenizer needs nothing else. It always runs
+  in float32: under bf16 autocast its convolutions are ~60× slower on CPU (measured, 2 cores).
+* ``pixel``: a lossless pixel-space adapter for small images: [−1, 1] pixels, pixel-unshuffled by `factor`
+  into 3·factor² channels. Decoding is the exact inverse (then clamped). Kept for tests and as an option.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
@@ -30,27 +35,67 @@ SD3_FACTOR = 8
 
 
 @dataclass
+class AutoencoderConfig:
+    """The architecture of a learned ``autoencoder`` latent space: a diffusers ``AutoencoderKL``, one
+    stride-2 stage per entry of `block_out_channels` after the first (3 stages: 8× down)."""
+
+    latent_channels: int = 16
+    block_out_channels: tuple[int, ...] = (8, 16, 32, 64)
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    mid_block_attention: bool = False
+    """The mid-block self-attention of the SD VAEs; off by default (no measurable gain on small images)."""
+
+    def __post_init__(self) -> None:
+        self.block_out_channels = tuple(self.block_out_channels)
+        if self.latent_channels < 1 or self.layers_per_block < 1 or not self.block_out_channels:
+            raise ValueError("autoencoder.latent_channels, layers_per_block and block_out_channels must be positive")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"autoencoder.block_out_channels {bad} are not divisible by norm_num_groups "
+                             f"{self.norm_num_groups}")
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass
 class LatentConfig:
     """Which latent space the tokenizer works in."""
 
-    kind: Literal["sd3_vae", "pixel"] = "sd3_vae"
-    """``sd3_vae`` (SD3 VAE, 16 channels, 8× down) or ``pixel`` (lossless pixel-unshuffle)."""
+    kind: Literal["sd3_vae", "autoencoder", "pixel"] = "sd3_vae"
+    """``sd3_vae`` (SD3 VAE, 16 channels, 8× down), ``autoencoder`` (a learned small AutoencoderKL, part of
+    the tokenizer's weights) or ``pixel`` (lossless pixel-unshuffle)."""
     path: str | None = None
     """sd3_vae: local diffusers directory of the VAE (or of a pipeline with a ``vae/`` subfolder)."""
     factor: int = 8
-    """Downsampling factor: 8 for sd3_vae (fixed by the VAE); the unshuffle factor for pixel."""
+    """Downsampling factor: 8 for sd3_vae (fixed by the VAE); the autoencoder's; the unshuffle factor for
+    pixel."""
     vae_dtype: Literal["float32", "bfloat16"] = "float32"
     """sd3_vae: dtype the VAE runs in (the official pipeline uses bfloat16 on GPU)."""
+    autoencoder: AutoencoderConfig | None = None
+    """autoencoder: its architecture (default `AutoencoderConfig()`)."""
 
     def __post_init__(self) -> None:
         if self.kind == "sd3_vae" and self.factor != SD3_FACTOR:
             raise ValueError(f"latent.factor must be {SD3_FACTOR} for the SD3 VAE, got {self.factor}")
         if self.factor < 1:
             raise ValueError(f"latent.factor must be positive, got {self.factor}")
+        if self.kind == "autoencoder":
+            self.autoencoder = self.autoencoder or AutoencoderConfig()
+            if self.autoencoder.factor != self.factor:
+                raise ValueError(f"latent.factor {self.factor} disagrees with the autoencoder's "
+                                 f"{len(self.autoencoder.block_out_channels) - 1} stride-2 stages "
+                                 f"(factor {self.autoencoder.factor})")
+        elif self.autoencoder is not None:
+            raise ValueError(f"latent.autoencoder is set but latent.kind is {self.kind!r}; use kind: autoencoder")
 
     @property
     def channels(self) -> int:
-        """Latent channels: 16 for the SD3 VAE, 3·factor² for pixel-unshuffle."""
+        """Latent channels: 16 for the SD3 VAE, the autoencoder's, 3·factor² for pixel-unshuffle."""
+        if self.kind == "autoencoder":
+            return self.autoencoder.latent_channels
         return SD3_CHANNELS if self.kind == "sd3_vae" else 3 * self.factor ** 2
 
 
@@ -144,7 +189,61 @@ class SD3VAELatents:
         return ((vae.decode(z.to(self.dtype)).sample.float().clamp(-1, 1) + 1) / 2)
 
 
-def build_latent_adapter(cfg: LatentConfig) -> PixelLatents | SD3VAELatents:
+class AutoencoderLatents(nn.Module):
+    """A learned AutoencoderKL adapter (a module: its weights and normalisation are the tokenizer's):
+    (B, 3, H, W) in [0, 1] ⇄ normalised posterior-mode latents (B, C, H/f, W/f). Gradients flow through
+    `decode` (stage-1 objectives on pixels); `reconstruct` is the stage-0 training path."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        from diffusers import AutoencoderKL
+        self.factor, self.channels = cfg.factor, cfg.latent_channels
+        n = len(cfg.block_out_channels)
+        self.vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
+                                 down_block_types=("DownEncoderBlock2D",) * n,
+                                 up_block_types=("UpDecoderBlock2D",) * n,
+                                 block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+                                 norm_num_groups=cfg.norm_num_groups, mid_block_add_attention=cfg.mid_block_attention)
+        self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels))
+        self.register_buffer("latent_std", torch.ones(cfg.latent_channels))
+
+    def prepare(self, device: torch.device) -> None:
+        """Nothing to load (the weights are the tokenizer's)."""
+
+    def raw_encode(self, images: Tensor) -> Tensor:
+        """Un-normalised posterior mode (B, C, h, w) float32 of images in [0, 1]."""
+        check_images(images)
+        H, W = images.shape[-2:]
+        if H % self.factor or W % self.factor:
+            raise ValueError(f"image size {H}x{W} is not divisible by the autoencoder's factor {self.factor}")
+        with torch.autocast(images.device.type, enabled=False):
+            return self.vae.encode(images.float() * 2 - 1).latent_dist.mode()
+
+    def encode(self, images: Tensor) -> Tensor:
+        z = self.raw_encode(images)
+        return (z - self.latent_mean[:, None, None]) / self.latent_std[:, None, None]
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Normalised latents → pixels in [0, 1] (differentiable)."""
+        z = latents.float() * self.latent_std[:, None, None] + self.latent_mean[:, None, None]
+        with torch.autocast(latents.device.type, enabled=False):
+            return (self.vae.decode(z).sample.clamp(-1, 1) + 1) / 2
+
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """Stage-0 training path: images in [0, 1] → unclamped reconstructions in [−1, 1] scale."""
+        with torch.autocast(images.device.type, enabled=False):
+            return self.vae.decode(self.raw_encode(images)).sample
+
+    @torch.no_grad()
+    def set_normalisation(self, raw: Tensor) -> None:
+        """Per-channel mean and std of un-normalised training latents (N, C, h, w)."""
+        self.latent_mean.copy_(raw.float().mean((0, 2, 3)))
+        self.latent_std.copy_(raw.float().std((0, 2, 3)).clamp_min(1e-6))
+
+
+def build_latent_adapter(cfg: LatentConfig) -> PixelLatents | SD3VAELatents | AutoencoderLatents:
     if cfg.kind == "pixel":
         return PixelLatents(cfg.factor)
+    if cfg.kind == "autoencoder":
+        return AutoencoderLatents(cfg.autoencoder)
     return SD3VAELatents(cfg.path, torch.bfloat16 if cfg.vae_dtype == "bfloat16" else torch.float32)

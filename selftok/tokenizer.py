@@ -83,7 +83,9 @@ class SelftokTokenizer(nn.Module):
         D = cfg.quantizer.vector_dim
         self.decoder = MMDiT(cfg.decoder, K, C, D, L) if cfg.decoder is not None else None
         self.renderer = Renderer(cfg.renderer, K, C, D, L) if cfg.renderer is not None else None
-        self.latents = build_latent_adapter(cfg.latent)  # not a module: the VAE is not part of the weights
+        # the SD3 VAE is external (loaded lazily from latent.path); a learned autoencoder is a submodule whose
+        # weights are the tokenizer's (``latents.*``)
+        self.latents = build_latent_adapter(cfg.latent)
 
     @property
     def K(self) -> int:

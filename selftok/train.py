@@ -3,12 +3,15 @@
     python -m selftok.train --config configs/tokenizer_shapes.yaml [key.sub=value ...]
     accelerate launch -m selftok.train --config configs/tokenizer_official_512.yaml
 
+With a learned latent space (``model.latent.kind: autoencoder``), stage 0 first trains the autoencoder on
+the run's images (pixel MSE + L1) and sets its per-channel latent normalisation; it is then frozen.
 Stage 1 trains the encoder, the quantizer (EMA codebook) and the MMDiT diffusion decoder with the
 rectified-flow velocity loss; stage 2 freezes encoder and codebook and trains the renderer to predict the
 clean latent in one pass (initialised from the stage-1 decoder). A config runs either stage or both in
 sequence (``stage1.steps`` / ``stage2.steps``; 0 skips a stage). Run directory::
 
     out_dir/config.yaml                     the pinned config (a resume with a different one is refused)
+    out_dir/stage0/...                      the autoencoder stage (checkpoints/, model/), when there is one
     out_dir/stage1/checkpoints/step_N/      accelerate state: model, optimizer, scheduler, RNG
     out_dir/stage1/model/                   the stage-1 tokenizer (model.safetensors + config.yaml)
     out_dir/stage2/...                      the same for the renderer stage
@@ -42,7 +45,7 @@ from tqdm.auto import tqdm
 from selftok import flow, objectives
 from selftok.cli import entry_point, parse_run_config, run_parser, setup_logging
 from selftok.config import ConfigError, to_dict
-from selftok.data import DataConfig
+from selftok.data import DataConfig, collate_samples
 from selftok.layers import crop_pos_embed, explicit_attention
 from selftok.runs import (
     check_finite,
@@ -54,14 +57,16 @@ from selftok.runs import (
 )
 from selftok.tokenizer import SelftokTokenizer, TokenizerConfig
 from selftok.train_data import DataStream, DataStreamConfig, RejectGuard, build_source
-from selftok.train_eval import EvalConfig, HeldOut, encode_heldout, evaluate_stage
+from selftok.train_eval import EvalConfig, HeldOut, encode_heldout, evaluate_autoencoder, evaluate_stage
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
 
-STAGES = ("stage1", "stage2")
+STAGES = ("stage0", "stage1", "stage2")
+#: Added to run.seed for each stage's batch order.
+STREAM_SEED_OFFSET = {"stage0": 2, "stage1": 0, "stage2": 1}
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -93,6 +98,28 @@ class OptimConfig:
             raise ValueError("learning rates and warmup_steps must be non-negative")
         if not 0 <= self.final_lr_fraction <= 1:
             raise ValueError(f"final_lr_fraction must lie in [0, 1], got {self.final_lr_fraction}")
+
+
+@dataclass
+class Stage0Config:
+    """Stage 0: the learned latent autoencoder (``model.latent.kind: autoencoder``), trained on the run's
+    images before stage 1, then frozen. Not in the paper (SD3's VAE is trained elsewhere)."""
+
+    steps: int = 0
+    """Optimizer steps; 0 skips the stage (then the autoencoder comes from `init`)."""
+    batch_size: int = 64
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=50, decay="cosine"))
+    """`lr` is the autoencoder's."""
+    mse_weight: float = 1.0
+    """Pixel MSE (on [−1, 1] pixels)."""
+    l1_weight: float = 1.0
+    """Pixel L1 (sharper edges than MSE alone)."""
+    normalisation_images: int = 2048
+    """Training images whose latents set the per-channel mean and std after training."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.normalisation_images < 1:
+            raise ValueError("stage0.steps must be >= 0, stage0.batch_size and normalisation_images >= 1")
 
 
 @dataclass
@@ -166,6 +193,9 @@ class InitConfig:
     official_yaml: str | None = None
     sd3_mmdit: str | None = None
     """SD3-medium ``sd3_medium.safetensors``: initialise the decoder's image stream from it (stage 1)."""
+    autoencoder: str | None = None
+    """A tokenizer directory (`save_pretrained`, e.g. another run's ``stage0/model``) whose learned
+    autoencoder and latent normalisation this run uses; its latent config must equal `model.latent`."""
 
 
 @dataclass
@@ -204,10 +234,18 @@ class TrainConfig:
     stream: DataStreamConfig = field(default_factory=DataStreamConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    stage0: Stage0Config = field(default_factory=Stage0Config)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
 
     def __post_init__(self) -> None:
+        learned = self.model.latent.kind == "autoencoder"
+        if self.stage0.steps and not learned:
+            raise ValueError(f"stage0.steps > 0 trains a learned autoencoder, but model.latent.kind is "
+                             f"{self.model.latent.kind!r}; set it to autoencoder")
+        if learned and not (self.stage0.steps or self.init.autoencoder or self.init.tokenizer):
+            raise ValueError("model.latent.kind autoencoder needs stage0.steps > 0 (train it), init.autoencoder "
+                             "or init.tokenizer (load it); an untrained autoencoder would be frozen")
         if self.stage1.steps and self.model.decoder is None:
             raise ValueError("stage1.steps > 0 trains the diffusion decoder, but model.decoder is null")
         if self.stage1.renderer_weight and self.model.renderer is None:
@@ -262,6 +300,11 @@ def stage1_param_groups(tok: SelftokTokenizer, optim: OptimConfig, joint_rendere
             {"name": "decoder_token", "params": token, "lr": optim.token_lr}]
 
 
+def stage0_param_groups(tok: SelftokTokenizer, optim: OptimConfig) -> list[dict]:
+    """The autoencoder (lr)."""
+    return [{"name": "autoencoder", "params": list(tok.latents.parameters()), "lr": optim.lr}]
+
+
 def stage2_param_groups(tok: SelftokTokenizer, optim: OptimConfig) -> list[dict]:
     """Renderer image stream (image_lr) and the rest of the renderer (lr)."""
     image, rest = [], []
@@ -302,6 +345,22 @@ def renderer_init_from_decoder(renderer: nn.Module, decoder: nn.Module) -> list[
 
 
 # ------------------------------------------------------------------------------------------------ trained modules
+class Stage0Objective(nn.Module):
+    """The learned autoencoder's reconstruction loss on pixels; wrapped by accelerate in stage 0."""
+
+    def __init__(self, tok: SelftokTokenizer, mse_weight: float, l1_weight: float):
+        super().__init__()
+        self.tok = tok
+        self.weights = {"mse": mse_weight, "l1": l1_weight}
+
+    def forward(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """images (B, 3, H, W) in [0, 1] → (loss, terms)."""
+        diff = self.tok.latents.reconstruct(images) - (images.float() * 2 - 1)
+        terms = {"mse": diff.pow(2).mean(), "l1": diff.abs().mean()}
+        loss = sum(self.weights[k] * v for k, v in terms.items())
+        return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+
 class Stage1Objective(nn.Module):
     """Encoder → quantizer (training path) → decoder velocity loss (+ the optional joint renderer loss); the
     module accelerate wraps in stage 1."""
@@ -349,11 +408,12 @@ def set_stage_modes(tok: SelftokTokenizer, stage: str, joint_renderer: bool = Fa
     """Trainable parts in train mode with gradients, frozen parts in eval mode without (EMA updates of the
     codebook only happen in train mode, so stage 2 never changes it). `joint_renderer`: stage 1 also
     trains the renderer (``stage1.renderer_weight``)."""
-    train = {"stage1": ("encoder", "quantizer", "decoder") + (("renderer",) if joint_renderer else ()),
+    train = {"stage0": ("latents",),
+             "stage1": ("encoder", "quantizer", "decoder") + (("renderer",) if joint_renderer else ()),
              "stage2": ("renderer",)}[stage]
-    for name in ("encoder", "quantizer", "decoder", "renderer"):
+    for name in ("latents", "encoder", "quantizer", "decoder", "renderer"):
         part = getattr(tok, name)
-        if part is not None:
+        if isinstance(part, nn.Module):
             part.train(name in train)
             part.requires_grad_(name in train)
 
@@ -407,6 +467,8 @@ def build_tokenizer(cfg: TrainConfig) -> SelftokTokenizer:
     tok = SelftokTokenizer(cfg.model)
     if cfg.init.tokenizer:
         load_initial_tokenizer(tok, cfg.init.tokenizer, cfg.init.official_yaml)
+    if cfg.init.autoencoder:
+        load_autoencoder(tok, cfg.init.autoencoder)
     if cfg.init.sd3_mmdit:
         if tok.decoder is None:
             raise ConfigError("init.sd3_mmdit initialises the diffusion decoder, but model.decoder is null")
@@ -424,20 +486,40 @@ def load_initial_tokenizer(tok: SelftokTokenizer, path: str, official_yaml: str 
         src = SelftokTokenizer.from_pretrained(p)
     else:
         src = SelftokTokenizer.from_official(p, yaml_path=official_yaml)
-    for name in ("encoder", "quantizer", "decoder", "renderer"):
+    if tok.cfg.latent.kind == "autoencoder":
+        check_same_latents(tok.cfg.latent, src.cfg.latent, path)
+    for name in ("latents", "encoder", "quantizer", "decoder", "renderer"):
         mine, theirs = getattr(tok, name), getattr(src, name)
-        if mine is not None and theirs is not None:
+        if isinstance(mine, nn.Module) and isinstance(theirs, nn.Module):
             mine.load_state_dict(theirs.state_dict(), strict=True)
     if tok.renderer is not None and src.renderer is None and src.decoder is not None:
         renderer_init_from_decoder(tok.renderer, src.decoder)
     log.info("initialised from tokenizer %s", path)
 
 
+def check_same_latents(mine, theirs, source: str) -> None:
+    """Raise a ConfigError naming each field where `source`'s latent config differs from this run's."""
+    a, b = to_dict(mine), to_dict(theirs)
+    diffs = [f"{k}: {source} has {b.get(k)!r}, model.latent has {a.get(k)!r}" for k in a if a.get(k) != b.get(k)]
+    if diffs:
+        raise ConfigError(f"the autoencoder of {source} does not match this run's model.latent: " + "; ".join(diffs))
+
+
+def load_autoencoder(tok: SelftokTokenizer, path: str) -> None:
+    """Copy the learned autoencoder (weights + latent normalisation) of the tokenizer directory `path`."""
+    if not (Path(path) / "config.yaml").is_file():
+        raise ConfigError(f"init.autoencoder {path} is not a tokenizer directory (no config.yaml)")
+    src = SelftokTokenizer.from_pretrained(path)
+    check_same_latents(tok.cfg.latent, src.cfg.latent, path)
+    tok.latents.load_state_dict(src.latents.state_dict(), strict=True)
+    log.info("autoencoder from %s", path)
+
+
 # ------------------------------------------------------------------------------------------------ stages
 @dataclass
 class StageRun:
     name: str
-    cfg: Stage1Config | Stage2Config
+    cfg: Stage0Config | Stage1Config | Stage2Config
     dir: Path
     module: nn.Module
     optimizer: torch.optim.Optimizer
@@ -449,14 +531,17 @@ class StageRun:
 def setup_stage(ctx: Context, name: str) -> StageRun:
     """Freeze/unfreeze, build the optimizer, prepare with accelerate, resume from the newest checkpoint."""
     cfg, acc, tok = ctx.cfg, ctx.accelerator, ctx.tok
-    scfg = cfg.stage1 if name == "stage1" else cfg.stage2
+    scfg = stage_config(cfg, name)
     stage_dir = ctx.out_dir / name
     joint = cfg.stage1.renderer_weight > 0
     set_stage_modes(tok, name, joint)
     for part in (tok.encoder, tok.decoder, tok.renderer):
         if part is not None:
             part.gradient_checkpointing = cfg.run.gradient_checkpointing
-    if name == "stage1":
+    if name == "stage0":
+        module = Stage0Objective(tok, scfg.mse_weight, scfg.l1_weight)
+        groups = stage0_param_groups(tok, scfg.optim)
+    elif name == "stage1":
         if joint and latest_checkpoint(stage_dir) is None and renderer_matches_decoder(tok):
             renderer_init_from_decoder(tok.renderer, tok.decoder)
         module = Stage1Objective(tok, cfg.run.seed, cfg.stage1.renderer_weight)
@@ -474,13 +559,14 @@ def setup_stage(ctx: Context, name: str) -> StageRun:
                                   weight_decay=scfg.optim.weight_decay)
     base_lrs = [g["lr"] for g in groups]
     if cfg.run.compile:
-        for part in (tok.encoder, tok.decoder if name == "stage1" else tok.renderer):
+        parts = {"stage0": (tok.latents,), "stage1": (tok.encoder, tok.decoder), "stage2": (tok.encoder, tok.renderer)}
+        for part in parts[name]:
             part.compile()
     acc.free_memory()
     module, optimizer = acc.prepare(module, optimizer)
     if ctx.source is None:
         ctx.source = build_source(cfg.data, cfg.stream)
-    stream = DataStream(ctx.source, cfg.stream, scfg.batch_size, cfg.run.seed + (0 if name == "stage1" else 1),
+    stream = DataStream(ctx.source, cfg.stream, scfg.batch_size, cfg.run.seed + STREAM_SEED_OFFSET[name],
                         acc.process_index, acc.num_processes)
     ctx.extras.guard = stream.guard
     start = 0
@@ -490,6 +576,10 @@ def setup_stage(ctx: Context, name: str) -> StageRun:
         start = checkpoint_step(ckpt)
         log.info("%s: resumed from %s (step %d)", name, ckpt, start)
     return StageRun(name, scfg, stage_dir, module, optimizer, base_lrs, stream, start)
+
+
+def stage_config(cfg: TrainConfig, name: str) -> Stage0Config | Stage1Config | Stage2Config:
+    return getattr(cfg, name)
 
 
 def uses_math_attention(choice: str, device: torch.device) -> bool:
@@ -508,11 +598,17 @@ def train_step(ctx: Context, run: StageRun, step: int, batch) -> dict[str, float
     factor = lr_factor(step, run.cfg.steps, run.cfg.optim)
     for group, base in zip(run.optimizer.param_groups, run.base_lrs):
         group["lr"] = base * factor
-    latents = tok.latents.encode(batch.to_images(acc.device))
+    images = batch.to_images(acc.device)
     gen = step_generator(cfg.run.seed, run.name, step, acc.process_index)
     out: dict[str, float] = {}
+    if run.name != "stage0":
+        with torch.no_grad():
+            latents = tok.latents.encode(images)
     with acc.autocast(), attention_kernel(cfg.run.attention, acc.device):
-        if run.name == "stage1":
+        if run.name == "stage0":
+            loss, terms = run.module(images)
+            out.update({f"autoencoder/{k}": v for k, v in terms.items()})
+        elif run.name == "stage1":
             fb = objectives.draw_flow_batch(tok.schedule.last_visible_at, tuple(latents.shape), tok.K, gen,
                                             run.cfg.time_sampling, cfg.model.flow.shift, run.cfg.condition_dropout,
                                             run.cfg.logit_mean, run.cfg.logit_std)
@@ -602,12 +698,31 @@ def run_stage(ctx: Context, name: str) -> None:
         if ctx.cfg.eval.every and done % ctx.cfg.eval.every == 0 and done != total:
             evaluate(ctx, name, done)
     progress.close()
+    if name == "stage0":
+        set_latent_normalisation(ctx)
     ctx.results[f"{name}_train_seconds"] = time.time() - t0
     ctx.results[f"{name}_steps_this_session"] = total - run.start
     ctx.results[f"{name}_inputs_seen"] = run.stream.guard.seen
     ctx.results[f"{name}_inputs_rejected"] = dict(run.stream.guard.counter.by_kind)
     export(ctx, ctx.out_dir / name / "model")
     evaluate(ctx, name, total)
+
+
+def set_latent_normalisation(ctx: Context) -> None:
+    """Per-channel mean and std of the trained autoencoder's latents on the first
+    ``stage0.normalisation_images`` training images (every rank computes the same)."""
+    tok, source = ctx.tok, ctx.source
+    n = min(ctx.cfg.stage0.normalisation_images, len(source))
+    tok.latents.eval()
+    raw = []
+    with torch.no_grad():
+        for i in range(0, n, 256):
+            batch = collate_samples([source[j] for j in range(i, min(i + 256, n))], source.image_size)
+            raw.append(tok.latents.raw_encode(batch.to_images(ctx.accelerator.device)))
+    tok.latents.set_normalisation(torch.cat(raw))
+    log.info("stage0: latent normalisation from %d images: mean %s, std %s", n,
+             [round(v, 3) for v in tok.latents.latent_mean.tolist()],
+             [round(v, 3) for v in tok.latents.latent_std.tolist()])
 
 
 def check_rejects(acc, guard: RejectGuard) -> None:
@@ -624,7 +739,10 @@ def evaluate(ctx: Context, name: str, step: int) -> None:
     acc = ctx.accelerator
     joint = name == "stage1" and ctx.cfg.stage1.renderer_weight > 0  # stage 1 also trains the renderer
     parts = ("decoder", "renderer") if joint else ("decoder",) if name == "stage1" else ("renderer",)
-    if acc.is_main_process and ctx.held is not None:
+    if name == "stage0" and acc.is_main_process and ctx.held is not None:
+        ctx.results["autoencoder"] = evaluate_autoencoder(ctx.tok, ctx.held, ctx.cfg.eval, ctx.out_dir / "eval",
+                                                          f"{name}_step{step}")
+    elif acc.is_main_process and ctx.held is not None:
         codes = encode_heldout(ctx.tok, ctx.held, ctx.cfg.eval.batch_size)
         for which in parts:
             tag = f"{name}_step{step}" + ("_renderer" if joint and which == "renderer" else "")
@@ -664,7 +782,7 @@ def stage_finished(ctx: Context, name: str) -> bool:
 def load_finished_stage(ctx: Context, name: str) -> None:
     """Load a finished stage's exported weights (its trained parts) into the running tokenizer."""
     done = SelftokTokenizer.from_pretrained(ctx.out_dir / name / "model")
-    parts = ("encoder", "quantizer", "decoder") if name == "stage1" else ("renderer",)
+    parts = {"stage0": ("latents",), "stage1": ("encoder", "quantizer", "decoder"), "stage2": ("renderer",)}[name]
     if name == "stage1" and ctx.cfg.stage1.renderer_weight:
         parts += ("renderer",)
     for part in parts:
@@ -711,7 +829,7 @@ def train(cfg: TrainConfig) -> Context:
     t0 = time.time()
     try:
         for name in STAGES:
-            if (cfg.stage1 if name == "stage1" else cfg.stage2).steps == 0:
+            if stage_config(cfg, name).steps == 0:
                 continue
             if stage_finished(ctx, name):
                 load_finished_stage(ctx, name)

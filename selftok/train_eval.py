@@ -141,10 +141,32 @@ def evaluate_stage(tok: SelftokTokenizer, held: HeldOut, codes: Tensor, cfg: Eva
     t0 = time.time()
     images = held.pixels.float() / 255
     recons = reconstruct(tok, codes, which, cfg.decoder_steps, cfg.seed, cfg.batch_size, autocast)
-    metrics = {"psnr": float(psnr(recons, images).mean()), "ssim": float(ssim(recons, images).mean()),
-               "num_images": len(held), **code_statistics(codes, tok.codebook_size)}
+    metrics = {**code_statistics(codes, tok.codebook_size)}
     if which == "decoder":
         metrics["decoder_steps"] = cfg.decoder_steps
+    return score_reconstructions(recons, held, cfg, which, out_dir, tag, metrics, t0, lpips)
+
+
+@torch.no_grad()
+def evaluate_autoencoder(tok: SelftokTokenizer, held: HeldOut, cfg: EvalConfig, out_dir: Path,
+                         tag: str) -> dict[str, float]:
+    """The learned latent autoencoder alone (images → latents → images) on the held-out set (stage 0)."""
+    t0 = time.time()
+    tok.latents.eval()
+    device = next(tok.parameters()).device
+    images = held.pixels.float() / 255
+    recons = torch.cat([tok.latents.decode(tok.latents.encode(images[i:i + cfg.batch_size].to(device))).cpu()
+                        for i in range(0, len(held), cfg.batch_size)])
+    return score_reconstructions(recons, held, cfg, "autoencoder", out_dir, tag, {}, t0)
+
+
+def score_reconstructions(recons: Tensor, held: HeldOut, cfg: EvalConfig, which: str, out_dir: Path, tag: str,
+                          metrics: dict, t0: float, lpips=None) -> dict[str, float]:
+    """PSNR, SSIM, attribute preservation and optional LPIPS of `recons` against the held-out images (added
+    to `metrics`); writes ``<tag>.json`` and ``<tag>.png``."""
+    images = held.pixels.float() / 255
+    metrics = {"psnr": float(psnr(recons, images).mean()), "ssim": float(ssim(recons, images).mean()),
+               "num_images": len(held), **metrics}
     if cfg.attributes and any(s is not None for s in held.specs):
         judged = [j for j in judge_attributes(recons, held.specs) if j is not None]
         metrics["attribute_preservation"] = float(np.mean(judged))
