@@ -300,7 +300,8 @@ class ImageSource(Dataset):
 
         s = self.cfg.shapes
         ex = make_example(s.split, index, s.seed, s.size)
-        meta = json.dumps({"tag": ex.tag, "spec": ex.spec, "scene_spec": scene_spec(ex.scene)})
+        meta = json.dumps({"tag": ex.tag, "spec": ex.spec, "scene_spec": scene_spec(ex.scene),
+                           "scene": json.loads(ex.scene.to_json())})
         captions = _unique([ex.caption, ex.prompt])
         try:
             return Sample(index, ex.id, prepare_image(ex.image, self.cfg.transform), captions, meta, None)

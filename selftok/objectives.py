@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selftok.flow import shift_time
+from selftok.latents import PixelLatents
+from selftok.shape_net import shape_distance
 
 #: Shifted-time buckets of the logged stage-1 loss (official ``loss_small`` / ``loss_mid`` / ``loss_large``).
 T_BUCKETS = (("small", 0.0, 0.35), ("mid", 0.35, 0.7), ("large", 0.7, 1.0))
@@ -85,9 +87,11 @@ def gradient_loss(pred: Tensor, target: Tensor) -> Tensor:
 def renderer_loss(pred_latent: Tensor, target_latent: Tensor, pred_pixels: Tensor | None = None,
                   target_pixels: Tensor | None = None, mse_weight: float = 1.0, l1_weight: float = 0.0,
                   gradient_weight: float = 0.0, perceptual: torch.nn.Module | None = None,
-                  perceptual_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
-    """Stage-2 loss: ``w_mse·MSE + w_l1·L1`` on latents, ``w_grad·gradient_loss`` and ``w_perc·perceptual`` on
-    pixels (needed only when those weights are non-zero; pixels in [0, 1]). Returns (loss, terms)."""
+                  perceptual_weight: float = 0.0, shape_net: torch.nn.Module | None = None,
+                  shape_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+    """Stage-2 loss: ``w_mse·MSE + w_l1·L1`` and ``w_shape·shape_distance`` on latents,
+    ``w_grad·gradient_loss`` and ``w_perc·perceptual`` on pixels (needed only when those weights are
+    non-zero; pixels in [0, 1]). Returns (loss, terms)."""
     diff = pred_latent.float() - target_latent.float()
     terms = {"mse": diff.pow(2).mean()}
     if l1_weight:
@@ -99,7 +103,10 @@ def renderer_loss(pred_latent: Tensor, target_latent: Tensor, pred_pixels: Tenso
         terms["gradient"] = gradient_loss(pred_pixels, target_pixels)
     if perceptual is not None and perceptual_weight:
         terms["perceptual"] = perceptual(pred_pixels.float(), target_pixels.float()).mean()
-    weights = {"mse": mse_weight, "l1": l1_weight, "gradient": gradient_weight, "perceptual": perceptual_weight}
+    if shape_net is not None and shape_weight:
+        terms["shape"] = shape_distance(shape_net, pred_latent, target_latent).mean()
+    weights = {"mse": mse_weight, "l1": l1_weight, "gradient": gradient_weight, "perceptual": perceptual_weight,
+               "shape": shape_weight}
     loss = sum(weights[k] * v for k, v in terms.items())
     return loss, {k: float(v.detach()) for k, v in terms.items()}
 
@@ -114,6 +121,9 @@ def quantizer_mix(step: int, continuous_steps: int, ramp_steps: int) -> float:
     return min(1.0, (step - continuous_steps + 1) / ramp_steps)
 
 
-def pixels_from_latents(latents: Tensor, factor: int) -> Tensor:
-    """Pixel-unshuffle latents (B, 3f², h, w) in [−1, 1] → differentiable pixels (B, 3, fh, fw) in [0, 1]."""
-    return (F.pixel_shuffle(latents, factor) + 1) / 2
+def pixels_from_latents(latents: Tensor, adapter) -> Tensor:
+    """Differentiable pixels (B, 3, H, W) in [0, 1] of `adapter`'s latents: pixel-unshuffle latents in
+    [−1, 1] are shuffled back (unclamped); a learned autoencoder decodes them."""
+    if isinstance(adapter, PixelLatents):
+        return (F.pixel_shuffle(latents, adapter.factor) + 1) / 2
+    return adapter.decode(latents)

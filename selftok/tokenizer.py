@@ -200,7 +200,15 @@ class SelftokTokenizer(nn.Module):
         cfg = load_config(TokenizerConfig, directory / CONFIG_NAME)
         if vae_path is not None:
             cfg.latent.path = vae_path
-        return cls.from_state_dict(cfg, load_file(str(directory / WEIGHTS_NAME), device=str(device)))
+        weights = directory / WEIGHTS_NAME
+        try:
+            state = load_file(str(weights), device=str(device))
+        except Exception as e:  # safetensors raises its own error type for truncated / foreign files
+            raise ValueError(f"cannot read {weights}: {e} (missing, truncated or not a safetensors file)") from e
+        if cfg.latent.kind == "autoencoder" and not any(k.startswith("latents.") for k in state):
+            raise ValueError(f"{weights} has no learned autoencoder (no latents.* tensors) but its config.yaml says "
+                             f"latent.kind: autoencoder")
+        return cls.from_state_dict(cfg, state)
 
     @classmethod
     def from_state_dict(cls, cfg: TokenizerConfig, state: dict[str, Tensor]) -> SelftokTokenizer:

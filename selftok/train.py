@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -55,7 +56,8 @@ from selftok.runs import (
     pin_run_config,
     save_checkpoint,
 )
-from selftok.tokenizer import SelftokTokenizer, TokenizerConfig
+from selftok.shape_net import ShapeNet, ShapeNetConfig, label_maps, shape_distance, train_shape_net
+from selftok.tokenizer import WEIGHTS_NAME, SelftokTokenizer, TokenizerConfig
 from selftok.train_data import DataStream, DataStreamConfig, RejectGuard, build_source
 from selftok.train_eval import EvalConfig, HeldOut, encode_heldout, evaluate_autoencoder, evaluate_stage
 
@@ -146,6 +148,9 @@ class Stage1Config:
     """Not in the paper (0 = official): also train the renderer in stage 1, on the same quantized tokens,
     with this weight on its latent MSE. Its one-step regression gives the encoder a direct reconstruction
     signal, which the velocity loss only provides at t ≈ 1; stage 2 then continues from this renderer."""
+    shape_weight: float = 0.0
+    """Not in the paper: weight of the shape net's perceptual distance (`selftok.shape_net`) between the
+    joint renderer's prediction and the target latent; needs ``renderer_weight`` and ``shape_net.steps``."""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -175,6 +180,8 @@ class Stage2Config:
     """Perceptual (LPIPS-style VGG) term in pixel space; needs `perceptual_weights`."""
     perceptual_weights: str | None = None
     """Local VGG16 (+ optional LPIPS linear heads) weights; nothing is downloaded."""
+    shape_weight: float = 0.0
+    """The shape net's perceptual distance on latents (`selftok.shape_net`); needs ``shape_net.steps``."""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -235,6 +242,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     init: InitConfig = field(default_factory=InitConfig)
     stage0: Stage0Config = field(default_factory=Stage0Config)
+    shape_net: ShapeNetConfig = field(default_factory=ShapeNetConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
 
@@ -246,6 +254,10 @@ class TrainConfig:
         if learned and not (self.stage0.steps or self.init.autoencoder or self.init.tokenizer):
             raise ValueError("model.latent.kind autoencoder needs stage0.steps > 0 (train it), init.autoencoder "
                              "or init.tokenizer (load it); an untrained autoencoder would be frozen")
+        if (self.stage1.shape_weight or self.stage2.shape_weight) and not self.shape_net.steps:
+            raise ValueError("stage1/stage2.shape_weight > 0 needs a shape net: set shape_net.steps > 0")
+        if self.stage1.shape_weight and not self.stage1.renderer_weight:
+            raise ValueError("stage1.shape_weight applies to the joint renderer: set stage1.renderer_weight > 0")
         if self.stage1.steps and self.model.decoder is None:
             raise ValueError("stage1.steps > 0 trains the diffusion decoder, but model.decoder is null")
         if self.stage1.renderer_weight and self.model.renderer is None:
@@ -253,9 +265,9 @@ class TrainConfig:
         if self.stage2.steps and self.model.renderer is None:
             raise ValueError("stage2.steps > 0 trains the renderer, but model.renderer is null")
         pixel_terms = self.stage2.gradient_weight or self.stage2.perceptual_weight
-        if pixel_terms and self.model.latent.kind != "pixel":
-            raise ValueError("stage2.gradient_weight / perceptual_weight need pixel latents (model.latent.kind: "
-                             "pixel); with VAE latents use the latent MSE / L1 terms")
+        if pixel_terms and self.model.latent.kind == "sd3_vae":
+            raise ValueError("stage2.gradient_weight / perceptual_weight need pixel or autoencoder latents "
+                             "(model.latent.kind); with the SD3 VAE use the latent MSE / L1 terms")
         if self.data.transform.image_size != self.model.image_size:
             raise ValueError(f"data.transform.image_size {self.data.transform.image_size} differs from "
                              f"model.image_size {self.model.image_size}")
@@ -365,11 +377,14 @@ class Stage1Objective(nn.Module):
     """Encoder → quantizer (training path) → decoder velocity loss (+ the optional joint renderer loss); the
     module accelerate wraps in stage 1."""
 
-    def __init__(self, tok: SelftokTokenizer, seed: int, renderer_weight: float = 0.0):
+    def __init__(self, tok: SelftokTokenizer, seed: int, renderer_weight: float = 0.0,
+                 shape_net: ShapeNet | None = None, shape_weight: float = 0.0):
         super().__init__()
         self.tok = tok
         self.seed = seed
         self.renderer_weight = renderer_weight
+        self.shape_net = shape_net if shape_weight else None
+        self.shape_weight = shape_weight
 
     def forward(self, latents: Tensor, fb: objectives.FlowBatch, mix: float) -> tuple[Tensor, Tensor, dict]:
         """latents (B, C, H, W) → (loss, per-sample velocity MSE (B,) detached, metrics)."""
@@ -382,9 +397,14 @@ class Stage1Objective(nn.Module):
         per_sample = flow.flow_loss(v, latents, fb.noise)
         loss, metrics = per_sample.mean() + q.loss, dict(q.metrics)
         if self.renderer_weight:
-            render_mse = (tok.renderer(q.vectors.to(latents.dtype)).float() - latents.float()).pow(2).mean()
+            render = tok.renderer(q.vectors.to(latents.dtype)).float()
+            render_mse = (render - latents.float()).pow(2).mean()
             loss = loss + self.renderer_weight * render_mse
             metrics["renderer_mse"] = float(render_mse.detach())
+            if self.shape_net is not None:
+                shape = shape_distance(self.shape_net, render, latents).mean()
+                loss = loss + self.shape_weight * shape
+                metrics["renderer_shape"] = float(shape.detach())
         return loss, per_sample.detach(), metrics
 
 
@@ -445,6 +465,7 @@ class Context:
     source: torch.utils.data.Dataset | None = None
     perceptual: nn.Module | None = None
     lpips: nn.Module | None = None
+    shape_net: ShapeNet | None = None
     results: dict = field(default_factory=dict)
 
     @property
@@ -544,7 +565,8 @@ def setup_stage(ctx: Context, name: str) -> StageRun:
     elif name == "stage1":
         if joint and latest_checkpoint(stage_dir) is None and renderer_matches_decoder(tok):
             renderer_init_from_decoder(tok.renderer, tok.decoder)
-        module = Stage1Objective(tok, cfg.run.seed, cfg.stage1.renderer_weight)
+        module = Stage1Objective(tok, cfg.run.seed, cfg.stage1.renderer_weight, ctx.shape_net,
+                                 cfg.stage1.shape_weight)
         groups = stage1_param_groups(tok, scfg.optim, joint)
     else:
         fresh = latest_checkpoint(stage_dir) is None and not (joint and cfg.stage1.steps)
@@ -615,18 +637,18 @@ def train_step(ctx: Context, run: StageRun, step: int, batch) -> dict[str, float
             fb = objectives.FlowBatch(*(x.to(acc.device) for x in fb))
             mix = objectives.quantizer_mix(step, run.cfg.continuous_steps, run.cfg.ramp_steps)
             loss, per_sample, qmetrics = run.module(latents, fb, mix)
-            out.update({(k if k == "renderer_mse" else f"quantizer/{k}"): float(v) for k, v in qmetrics.items()})
+            out.update({(k if k.startswith("renderer_") else f"quantizer/{k}"): float(v) for k, v in qmetrics.items()})
             out["dm_mse"] = float(per_sample.mean())
             for key, (total, count) in objectives.bucket_losses(per_sample, fb.t_model, fb.dropped).items():
                 out[f"{key}_sum"], out[f"{key}_n"] = total, count
         else:
             pred = run.module(latents)
             needs_pixels = run.cfg.gradient_weight or run.cfg.perceptual_weight
-            pix = (lambda z: objectives.pixels_from_latents(z.float(), cfg.model.latent.factor)) \
-                if needs_pixels else (lambda z: None)
+            pix = (lambda z: objectives.pixels_from_latents(z.float(), tok.latents)) if needs_pixels else (lambda z: None)
             loss, terms = objectives.renderer_loss(
                 pred, latents, pix(pred), pix(latents), run.cfg.mse_weight, run.cfg.l1_weight,
-                run.cfg.gradient_weight, ctx.perceptual, run.cfg.perceptual_weight)
+                run.cfg.gradient_weight, ctx.perceptual, run.cfg.perceptual_weight, ctx.shape_net,
+                run.cfg.shape_weight)
             out.update({f"renderer/{k}": v for k, v in terms.items()})
     losses = acc.gather(loss.detach().float().reshape(1))
     check_finite(float(losses.sum()), step)
@@ -831,6 +853,8 @@ def train(cfg: TrainConfig) -> Context:
         for name in STAGES:
             if stage_config(cfg, name).steps == 0:
                 continue
+            if name == "stage1" and cfg.shape_net.steps:
+                prepare_shape_net(ctx)
             if stage_finished(ctx, name):
                 load_finished_stage(ctx, name)
             else:
@@ -843,6 +867,38 @@ def train(cfg: TrainConfig) -> Context:
     if acc.is_main_process:
         (out_dir / "summary.json").write_text(json.dumps(ctx.results, indent=2))
     return ctx
+
+
+def prepare_shape_net(ctx: Context) -> None:
+    """Train the shape net on the frozen autoencoder's latents of the first ``shape_net.images`` training
+    images (main process; saved atomically to ``out_dir/shape_net/``) or load the one a previous session
+    saved; every rank then loads the file."""
+    acc, cfg, tok = ctx.accelerator, ctx.cfg.shape_net, ctx.tok
+    directory = ctx.out_dir / "shape_net"
+    if acc.is_main_process and not (directory / WEIGHTS_NAME).exists():
+        if ctx.source is None:
+            ctx.source = build_source(ctx.cfg.data, ctx.cfg.stream)
+        n = min(cfg.images, len(ctx.source))
+        tok.latents.eval()
+        latents, labels = [], []
+        with torch.no_grad():
+            for i in range(0, n, 256):
+                batch = collate_samples([ctx.source[j] for j in range(i, min(i + 256, n))], ctx.source.image_size)
+                latents.append(tok.latents.encode(batch.to_images(acc.device)).cpu())
+                labels.append(label_maps(batch.meta, cfg.map_size))
+        net, metrics = train_shape_net(cfg, torch.cat(latents), torch.cat(labels), ctx.cfg.run.seed)
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(net.state_dict(), str(tmp / WEIGHTS_NAME))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    acc.wait_for_everyone()
+    net = ShapeNet(tok.cfg.latent.channels, tok.cfg.latent_size, cfg.width, cfg.map_size)
+    net.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
+    ctx.shape_net = net.eval().requires_grad_(False).to(acc.device)
+    ctx.results["shape_net"] = json.loads((directory / "metrics.json").read_text())
 
 
 def setup_losses(ctx: Context) -> None:

@@ -191,3 +191,31 @@ def test_config_presets_and_overrides(tmp_path):
         load_tokenizer_config("tiny", overrides=["schedule.K=17"])
     with pytest.raises(ConfigError, match="unknown config key"):
         load_tokenizer_config("tiny", overrides=["encoder.width=3"])
+
+
+def test_learned_autoencoder_travels_inside_the_saved_tokenizer(tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    from selftok.latents import AutoencoderConfig, LatentConfig
+    cfg = get_preset("tiny")
+    cfg = replace(cfg, latent=LatentConfig(kind="autoencoder", factor=4,
+                                           autoencoder=AutoencoderConfig(block_out_channels=(8, 8, 16),
+                                                                         latent_channels=cfg.latent.channels)))
+    torch.manual_seed(0)
+    tok = randomize(SelftokTokenizer(cfg))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    tok.save_pretrained(tmp_path / "tok")
+    weights = tmp_path / "tok" / "model.safetensors"
+    assert any(k.startswith("latents.vae.") for k in load_file(str(weights)))
+    back = SelftokTokenizer.from_pretrained(tmp_path / "tok")
+    codes = tok.encode(images)
+    assert torch.equal(back.encode(images), codes) and torch.equal(back.render(codes), tok.render(codes))
+    save_file({k: v for k, v in load_file(str(weights)).items() if not k.startswith("latents.")}, str(weights))
+    with pytest.raises(ValueError, match="has no learned autoencoder"):
+        SelftokTokenizer.from_pretrained(tmp_path / "tok")
+    tok.save_pretrained(tmp_path / "tok")
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cannot read .*model.safetensors.*truncated"):
+        SelftokTokenizer.from_pretrained(tmp_path / "tok")

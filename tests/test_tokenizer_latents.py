@@ -1,5 +1,5 @@
-"""Latent adapters: the lossless pixel-unshuffle adapter and the SD3-VAE adapter (a tiny random diffusers
-AutoencoderKL saved to a local directory stands in for the real VAE)."""
+"""Latent adapters: the lossless pixel-unshuffle adapter, the SD3-VAE adapter (a tiny random diffusers
+AutoencoderKL saved to a local directory stands in for the real VAE) and the learned autoencoder."""
 import pytest
 import torch
 from tokenizer_testutil import single_thread  # noqa: F401
@@ -7,6 +7,8 @@ from tokenizer_testutil import single_thread  # noqa: F401
 from selftok.latents import (
     SD3_SCALE,
     SD3_SHIFT,
+    AutoencoderConfig,
+    AutoencoderLatents,
     LatentConfig,
     PixelLatents,
     SD3VAELatents,
@@ -72,3 +74,41 @@ def test_tokenizer_end_to_end_through_the_vae(vae_dir):
     assert torch.equal(codes, tok.encode_latents(tok.latents.encode(images)))
     out = tok.render(codes)
     assert out.shape == images.shape and 0 <= out.min() and out.max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------- learned autoencoder
+def tiny_autoencoder_config(**kw) -> LatentConfig:
+    return LatentConfig(kind="autoencoder", factor=4,
+                        autoencoder=AutoencoderConfig(block_out_channels=(8, 8, 16), latent_channels=4, **kw))
+
+
+def test_autoencoder_adapter_normalises_per_channel_and_runs_in_float32():
+    torch.manual_seed(0)
+    ae = build_latent_adapter(tiny_autoencoder_config())
+    assert isinstance(ae, AutoencoderLatents) and ae.channels == 4 and ae.factor == 4
+    images = torch.rand(6, 3, 16, 16)
+    raw = ae.raw_encode(images)
+    assert raw.shape == (6, 4, 4, 4)
+    ae.set_normalisation(raw)
+    z = ae.encode(images)
+    torch.testing.assert_close(z.mean((0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std((0, 2, 3)), torch.ones(4), atol=1e-5, rtol=0)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert ae.encode(images).dtype == torch.float32 and ae.decode(z).dtype == torch.float32
+    z = z.detach().requires_grad_()
+    out = ae.decode(z)
+    assert out.shape == images.shape and 0 <= out.min() and out.max() <= 1
+    out.sum().backward()  # differentiable: stage-1/2 pixel terms flow through the decoder
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="not divisible by the autoencoder's factor 4"):
+        ae.encode(torch.rand(1, 3, 18, 16))
+
+
+def test_autoencoder_config_errors():
+    with pytest.raises(ValueError, match="latent.factor 8 disagrees .* 2 stride-2 stages"):
+        LatentConfig(kind="autoencoder", factor=8, autoencoder=AutoencoderConfig(block_out_channels=(8, 8, 16)))
+    with pytest.raises(ValueError, match="latent.autoencoder is set but latent.kind is 'pixel'"):
+        LatentConfig(kind="pixel", factor=4, autoencoder=AutoencoderConfig())
+    with pytest.raises(ValueError, match=r"\[12\] are not divisible by norm_num_groups 8"):
+        AutoencoderConfig(block_out_channels=(8, 12))
+    assert LatentConfig(kind="autoencoder").channels == 16  # default architecture: 8x down, 16 channels

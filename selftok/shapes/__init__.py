@@ -6,7 +6,7 @@ See docs/shapes.md. Public API (everything else is internal):
 - specs and prompts: `parse_prompt`, `load_prompts`, `write_prompts`, `caption_variants`, `sample_caption`,
   `validate_spec`, `spec_signature`, the builders `*_spec`
 - split: `split_of`, `split_specs`, `all_specs`, `heldout_prompts`
-- scenes: `Scene`, `ShapeObject`, `sample_scene`, `render_scene`, `render_spec`, `scene_spec`
+- scenes: `Scene`, `ShapeObject`, `sample_scene`, `render_scene`, `render_spec`, `scene_spec`, `shape_map`
 - data: `Example`, `make_example`, `iter_examples`, `build_dataset`
 - evaluation: `evaluate_image`, `detect_objects`, `judge`, `aggregate`, `evaluate_folder`, `EvaluatorConfig`,
   `Judgement`, `Claim`, `Detection`, `Scores`
@@ -42,7 +42,15 @@ from selftok.shapes.grammar import (
                                       two_object_spec,
                                       write_prompts,
 )
-from selftok.shapes.scene import Scene, ShapeObject, render_scene, render_spec, sample_scene, scene_spec
+from selftok.shapes.scene import (
+                                      Scene,
+                                      ShapeObject,
+                                      render_scene,
+                                      render_spec,
+                                      sample_scene,
+                                      scene_spec,
+                                      shape_map,
+)
 from selftok.shapes.spec import (
                                       BACKGROUND,
                                       CATEGORIES,
@@ -64,6 +72,6 @@ __all__ = [
     "counting_spec", "detect_objects", "evaluate_folder", "evaluate_image", "export_split", "heldout_prompts",
     "iter_examples", "judge", "load_prompts", "make_example", "overall_standard_error", "paired_change",
     "parse_prompt", "position_spec", "render_scene",
-    "render_spec", "sample_caption", "sample_scene", "scene_spec", "single_object_spec", "spec_signature",
+    "render_spec", "sample_caption", "sample_scene", "scene_spec", "shape_map", "single_object_spec", "spec_signature",
     "split_of", "split_specs", "two_object_spec", "validate_spec", "write_prompts",
 ]

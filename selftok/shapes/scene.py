@@ -139,11 +139,23 @@ def render_scene(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Im
         raise ValueError(f"image size must be >= {MIN_IMAGE_SIZE} px, got {size}")
     side = size * supersample
     img = Image.new("RGB", (side, side), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    for o in scene.objects:
+    _draw_objects(ImageDraw.Draw(img), scene.objects, side, lambda o: COLORS[o.color])
+    return img.reduce(supersample) if supersample > 1 else img
+
+
+def shape_map(scene: Scene, size: int) -> Image.Image:
+    """A `size` x `size` label image ("L" mode, no anti-aliasing): 0 = background, 1 + SHAPES.index(shape)
+    inside each object. The targets of the shape net that training losses use (`selftok.shape_net`)."""
+    img = Image.new("L", (size, size), 0)
+    _draw_objects(ImageDraw.Draw(img), scene.objects, size, lambda o: 1 + SHAPES.index(o.shape))
+    return img
+
+
+def _draw_objects(draw: ImageDraw.ImageDraw, objects: tuple[ShapeObject, ...], side: int, fill_of) -> None:
+    for o in objects:
         x0, y0, x1, y1 = (v * side for v in o.box)
         cx, cy = o.cx * side, o.cy * side
-        fill = COLORS[o.color]
+        fill = fill_of(o)
         if o.shape == "circle":  # Pillow's ellipse and rectangle include their far edge: stop a pixel short
             draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
         elif o.shape == "square":
@@ -154,7 +166,6 @@ def render_scene(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Im
             draw.polygon(((cx, y0), (x1, cy), (cx, y1), (x0, cy)), fill=fill)
         else:
             raise SpecError(f"unknown shape {o.shape!r}; known shapes: {', '.join(SHAPES)}")
-    return img.reduce(supersample) if supersample > 1 else img
 
 
 def render_spec(spec: dict[str, Any], seed: int, size: int = 64) -> tuple[Scene, Image.Image]:
