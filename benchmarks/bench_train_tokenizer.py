@@ -1,13 +1,18 @@
-"""Training throughput of the tokenizer stages, and the fraction of the machine's bf16 matmul peak they reach.
+"""Training throughput of the tokenizer stages, the fraction of the machine's matmul peak they reach, and each
+stage's share of a run's training time.
 
     python benchmarks/bench_train_tokenizer.py [--config configs/tokenizer_shapes.yaml] [--steps 20]
         [--threads N] [--device cpu|cuda] [--compile] [--out result.json] [overrides, e.g. run.attention=default]
 
-Both numbers come from the same run: first the bf16 matmul peak (large square matmuls), then `--steps` timed
-optimizer steps of stage 1 (encoder + quantizer + diffusion decoder) and of stage 2 (renderer, frozen encoder)
-on random latents with the config's shapes and batch sizes, after `--warmup` untimed steps. FLOPs per step are
-counted with ``torch.utils.flop_counter`` (forward + backward matmuls/attention), so
-``fraction_of_peak = FLOPs/step ÷ seconds/step ÷ peak``. On a GPU the peak memory is reported as well.
+All numbers come from the same run: first the bf16 and fp32 matmul peaks (large square matmuls), then
+`--steps` timed optimizer steps of stage 0 (the learned autoencoder, on random images; it runs in fp32, see
+`selftok.latents`), stage 1 (encoder + quantizer + diffusion decoder, + the joint renderer and its shape term
+when configured) and stage 2 (renderer, frozen encoder) on random latents with the config's shapes and batch
+sizes, after `--warmup` untimed steps. FLOPs per step are counted with ``torch.utils.flop_counter`` (forward
++ backward matmuls, convolutions, attention), so ``fraction_of_peak = FLOPs/step ÷ seconds/step ÷ peak`` of
+the dtype the stage computes in. ``share_of_training_time`` = a stage's seconds/step × its configured steps,
+over the sum for all stages (evaluation and the shape net's fit excluded). On a GPU the peak memory is
+reported as well.
 """
 from __future__ import annotations
 
@@ -21,8 +26,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from selftok import objectives
 from selftok.config import load_config
+from selftok.shape_net import ShapeNet
 from selftok.tokenizer import SelftokTokenizer
 from selftok.train import (
+    STAGES,
+    Stage0Objective,
     Stage1Objective,
     Stage2Objective,
     TrainConfig,
@@ -35,10 +43,11 @@ from selftok.train import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def matmul_peak(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
-    """Achieved bf16 matmul FLOP/s on square matrices (the machine's practical peak)."""
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.bfloat16, size: int = 2048,
+                repeats: int = 10) -> float:
+    """Achieved matmul FLOP/s on square matrices of `dtype` (the machine's practical peak)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     sync(device)
@@ -56,11 +65,19 @@ def sync(device: torch.device) -> None:
 
 def make_step(cfg: TrainConfig, tok: SelftokTokenizer, stage: str, device: torch.device, attention: str):
     """A closure running one full optimizer step of `stage` on random latents (`attention`: as `run.attention`)."""
-    scfg = cfg.stage1 if stage == "stage1" else cfg.stage2
+    scfg = getattr(cfg, stage)
     set_stage_modes(tok, stage, stage == "stage1" and scfg.renderer_weight > 0)  # as selftok.train does
     B, C, L = scfg.batch_size, cfg.model.latent.channels, cfg.model.latent_size
     latents = torch.randn(B, C, L, L, device=device).clamp(-1, 1)
-    module = Stage1Objective(tok, 0, scfg.renderer_weight) if stage == "stage1" else Stage2Objective(tok)
+    images = torch.rand(B, 3, cfg.model.image_size, cfg.model.image_size, device=device)
+    shape_net = (ShapeNet(C, L, cfg.shape_net.width, cfg.shape_net.map_size).to(device).requires_grad_(False)
+                 if cfg.shape_net.steps else None)
+    if stage == "stage0":
+        module = Stage0Objective(tok, scfg.mse_weight, scfg.l1_weight)
+    elif stage == "stage1":
+        module = Stage1Objective(tok, 0, scfg.renderer_weight, shape_net, scfg.shape_weight)
+    else:
+        module = Stage2Objective(tok)
     params = [p for p in tok.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     counter = {"step": 0}
@@ -68,12 +85,16 @@ def make_step(cfg: TrainConfig, tok: SelftokTokenizer, stage: str, device: torch
     def step() -> None:
         gen = step_generator(0, stage, counter["step"], 0)
         with torch.autocast(device.type, torch.bfloat16), attention_kernel(attention, device):
-            if stage == "stage1":
+            if stage == "stage0":
+                loss = module(images)[0]
+            elif stage == "stage1":
                 fb = objectives.draw_flow_batch(tok.schedule.last_visible_at, tuple(latents.shape), tok.K, gen,
                                                 scfg.time_sampling, cfg.model.flow.shift, scfg.condition_dropout)
                 loss = module(latents, objectives.FlowBatch(*(x.to(device) for x in fb)), 1.0)[0]
             else:
-                loss = (module(latents).float() - latents).pow(2).mean()
+                loss = objectives.renderer_loss(module(latents), latents, mse_weight=scfg.mse_weight,
+                                                l1_weight=scfg.l1_weight, shape_net=shape_net,
+                                                shape_weight=scfg.shape_weight)[0]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -120,14 +141,18 @@ def main(argv: list[str] | None = None) -> dict:
             part.gradient_checkpointing = args.gradient_checkpointing
             if args.compile:
                 part.compile()
-    peak = matmul_peak(device)
+    peaks = {"bf16": matmul_peak(device), "fp32": matmul_peak(device, torch.float32)}
     result = {"config": args.config, "overrides": args.overrides, "device": str(device),
-              "threads": torch.get_num_threads(), "bf16_matmul_peak_flops": peak,
+              "threads": torch.get_num_threads(), "bf16_matmul_peak_flops": peaks["bf16"],
+              "fp32_matmul_peak_flops": peaks["fp32"],
               "params": {n: sum(q.numel() for q in getattr(tok, n).parameters())
-                         for n in ("encoder", "quantizer", "decoder", "renderer") if getattr(tok, n) is not None}}
-    for stage, part in (("stage1", tok.decoder), ("stage2", tok.renderer)):
-        if part is None:
+                         for n in ("latents", "encoder", "quantizer", "decoder", "renderer")
+                         if isinstance(getattr(tok, n), torch.nn.Module)}}
+    for stage in STAGES:
+        if not getattr(cfg, stage).steps:
             continue
+        precision = "fp32" if stage == "stage0" else "bf16"
+        peak = peaks[precision]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         step, batch = make_step(cfg, tok, stage, device, cfg.run.attention)
@@ -138,13 +163,19 @@ def main(argv: list[str] | None = None) -> dict:
         result[stage] = r
         print(f"{stage}: {r['images_per_second']:.1f} images/s ({r['seconds_per_step']:.3f} s/step, batch {batch}), "
               f"{r['achieved_flops'] / 1e9:.1f} GFLOP/s = {100 * r['fraction_of_peak']:.1f}% of the "
-              f"{peak / 1e9:.0f} GFLOP/s bf16 matmul peak")
-        if uses_math_attention(cfg.run.attention, device):
+              f"{peak / 1e9:.0f} GFLOP/s {precision} matmul peak")
+        if stage != "stage0" and uses_math_attention(cfg.run.attention, device):
             # the same step with torch's default attention kernel, measured in this run: the kernel choice's gain
             base = measure(*make_step(cfg, tok, stage, device, "default"), args.steps, args.warmup, device)
             r["speedup_vs_default_attention"] = base["seconds_per_step"] / r["seconds_per_step"]
             print(f"{stage}: {r['speedup_vs_default_attention']:.2f}x the images/s of torch's default attention "
                   f"kernel ({base['images_per_second']:.1f} images/s)")
+    timed = [s for s in STAGES if s in result]
+    total = sum(result[s]["seconds_per_step"] * getattr(cfg, s).steps for s in timed)
+    for s in timed:
+        result[s]["share_of_training_time"] = result[s]["seconds_per_step"] * getattr(cfg, s).steps / total
+    print("share of the training time: " + ", ".join(f"{s} {100 * result[s]['share_of_training_time']:.0f}%"
+                                                      for s in timed) + f" (of {total / 60:.1f} min)")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return result

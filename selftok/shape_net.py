@@ -37,8 +37,8 @@ class ShapeNetConfig:
     """Adam steps; 0 = no shape net."""
     batch_size: int = 128
     lr: float = 2e-3
-    width: int = 64
-    map_size: int = 32
+    width: int = 32
+    map_size: int = 16
     """Side of the predicted label map (a power-of-two multiple of the latent grid)."""
     images: int = 4096
     """Training images (the first of the run's source) it learns from."""
@@ -52,7 +52,7 @@ class ShapeNet(nn.Module):
     """Latents (B, C, L, L) → per-cell shape logits (B, NUM_CLASSES, M, M): two convolutions at the latent
     grid, then one ×2 upsampling stage per doubling up to M."""
 
-    def __init__(self, channels: int, latent_size: int, width: int = 64, map_size: int = 32):
+    def __init__(self, channels: int, latent_size: int, width: int = 32, map_size: int = 16):
         super().__init__()
         ups = math.log2(map_size / latent_size)
         if ups < 0 or ups != int(ups):

@@ -58,7 +58,7 @@ from selftok.runs import (
 )
 from selftok.shape_net import ShapeNet, ShapeNetConfig, label_maps, shape_distance, train_shape_net
 from selftok.tokenizer import WEIGHTS_NAME, SelftokTokenizer, TokenizerConfig
-from selftok.train_data import DataStream, DataStreamConfig, RejectGuard, build_source
+from selftok.train_data import CachedSource, DataStream, DataStreamConfig, RejectGuard, build_source
 from selftok.train_eval import EvalConfig, HeldOut, encode_heldout, evaluate_autoencoder, evaluate_stage
 
 if TYPE_CHECKING:
@@ -466,6 +466,7 @@ class Context:
     perceptual: nn.Module | None = None
     lpips: nn.Module | None = None
     shape_net: ShapeNet | None = None
+    latent_cache: Tensor | None = None
     results: dict = field(default_factory=dict)
 
     @property
@@ -588,6 +589,8 @@ def setup_stage(ctx: Context, name: str) -> StageRun:
     module, optimizer = acc.prepare(module, optimizer)
     if ctx.source is None:
         ctx.source = build_source(cfg.data, cfg.stream)
+    if name != "stage0":
+        build_latent_cache(ctx)
     stream = DataStream(ctx.source, cfg.stream, scfg.batch_size, cfg.run.seed + STREAM_SEED_OFFSET[name],
                         acc.process_index, acc.num_processes)
     ctx.extras.guard = stream.guard
@@ -602,6 +605,37 @@ def setup_stage(ctx: Context, name: str) -> StageRun:
 
 def stage_config(cfg: TrainConfig, name: str) -> Stage0Config | Stage1Config | Stage2Config:
     return getattr(cfg, name)
+
+
+def build_latent_cache(ctx: Context) -> None:
+    """With a frozen learned autoencoder and a source held in memory, encode every training image once
+    (stages 1 and 2 then index the cache instead of running the autoencoder each step)."""
+    source = ctx.source
+    if not isinstance(ctx.tok.latents, nn.Module) or not isinstance(source, CachedSource) or ctx.latent_cache is not None:
+        return
+    t0 = time.time()
+    ctx.tok.latents.eval()
+    cache = None
+    with torch.no_grad():
+        for i in range(0, len(source), 256):
+            batch = collate_samples([source[j] for j in range(i, min(i + 256, len(source)))], source.image_size)
+            if not len(batch):
+                continue
+            z = ctx.tok.latents.encode(batch.to_images(ctx.accelerator.device)).cpu()
+            if cache is None:
+                cache = torch.zeros(len(source), *z.shape[1:])
+            cache[batch.indices] = z
+    ctx.latent_cache = cache
+    log.info("encoded the %d training images once with the frozen autoencoder (%.1f s)", len(source),
+             time.time() - t0)
+
+
+def batch_latents(ctx: Context, batch, images: Tensor) -> Tensor:
+    """The batch's latents: from the cache when there is one, else encoded now."""
+    if ctx.latent_cache is not None:
+        return ctx.latent_cache[batch.indices].to(images.device)
+    with torch.no_grad():
+        return ctx.tok.latents.encode(images)
 
 
 def uses_math_attention(choice: str, device: torch.device) -> bool:
@@ -624,8 +658,7 @@ def train_step(ctx: Context, run: StageRun, step: int, batch) -> dict[str, float
     gen = step_generator(cfg.run.seed, run.name, step, acc.process_index)
     out: dict[str, float] = {}
     if run.name != "stage0":
-        with torch.no_grad():
-            latents = tok.latents.encode(images)
+        latents = batch_latents(ctx, batch, images)
     with acc.autocast(), attention_kernel(cfg.run.attention, acc.device):
         if run.name == "stage0":
             loss, terms = run.module(images)
@@ -878,14 +911,13 @@ def prepare_shape_net(ctx: Context) -> None:
     if acc.is_main_process and not (directory / WEIGHTS_NAME).exists():
         if ctx.source is None:
             ctx.source = build_source(ctx.cfg.data, ctx.cfg.stream)
+        build_latent_cache(ctx)
         n = min(cfg.images, len(ctx.source))
-        tok.latents.eval()
         latents, labels = [], []
-        with torch.no_grad():
-            for i in range(0, n, 256):
-                batch = collate_samples([ctx.source[j] for j in range(i, min(i + 256, n))], ctx.source.image_size)
-                latents.append(tok.latents.encode(batch.to_images(acc.device)).cpu())
-                labels.append(label_maps(batch.meta, cfg.map_size))
+        for i in range(0, n, 256):
+            batch = collate_samples([ctx.source[j] for j in range(i, min(i + 256, n))], ctx.source.image_size)
+            latents.append(batch_latents(ctx, batch, batch.to_images(acc.device)).cpu())
+            labels.append(label_maps(batch.meta, cfg.map_size))
         net, metrics = train_shape_net(cfg, torch.cat(latents), torch.cat(labels), ctx.cfg.run.seed)
         tmp = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
