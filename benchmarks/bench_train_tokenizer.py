@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from selftok import objectives
-from selftok.config import load_config
-from selftok.tokenizer import SelftokTokenizer
+from selftok.model.tokenizer import SelftokTokenizer
+from selftok.runtime.config import load_config
 from selftok.train import (
     Stage1Objective,
     Stage2Objective,
@@ -31,6 +30,7 @@ from selftok.train import (
     step_generator,
     uses_math_attention,
 )
+from selftok.training import objectives
 
 ROOT = Path(__file__).resolve().parents[1]
 

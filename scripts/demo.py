@@ -46,7 +46,8 @@ from typing import Any
 
 import yaml
 
-from selftok.config import ConfigError, apply_overrides, load_config, to_dict
+from selftok.runtime.config import ConfigError, apply_overrides, load_config, to_dict
+from selftok.runtime.io import read_json, sha256_file, write_atomic
 
 log = logging.getLogger("demo")
 
@@ -265,14 +266,6 @@ def unavailable(stage: Stage) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ records
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def output_files(out: Path, patterns: list[str]) -> list[Path]:
     """Every file under the output patterns (folders recursively), leftovers named *.tmp excluded."""
     files: set[Path] = set()
@@ -314,18 +307,9 @@ def fingerprint(stage: Stage, upstream: list[str]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 @dataclasses.dataclass

@@ -28,7 +28,8 @@ from typing import Any
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
-from selftok.config import to_dict
+from selftok.runtime.config import to_dict
+from selftok.runtime.io import read_json, write_atomic
 from selftok.shapes import CATEGORIES, heldout_prompts, make_example, paired_change
 
 log = logging.getLogger("demo")
@@ -47,13 +48,6 @@ GOOD, BAD, INK = (30, 140, 60), (200, 40, 40), (20, 20, 20)
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -510,9 +504,7 @@ def write_report(cfg: Any, out: Path, stages: list[Any]) -> dict[str, Any]:
     report["timing"]["total"] += report["timing"]["report"]
     report["acceptance"] = acceptance(report)
     write_markdown(report, stages, out)
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    os.replace(tmp, out / "report.json")
+    write_atomic(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     return report
 
 

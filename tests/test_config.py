@@ -8,7 +8,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from selftok.config import ConfigError, apply_overrides, config_diff, from_dict, load_config, to_dict
+from selftok.runtime.config import ConfigError, apply_overrides, config_diff, from_dict, load_config, to_dict
 
 
 @dataclasses.dataclass
