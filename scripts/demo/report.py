@@ -1,4 +1,4 @@
-"""The demo's report (scripts/demo.py): report.json, report.md (a one-page story) and PNG grids.
+"""The demo's report (scripts.demo): report.json, report.md (a one-page story) and PNG grids.
 
 Every number is read from what the stages wrote; the one computed here is RL's paired change, from the two
 evaluations' per-image verdicts (the same prompts and seeds):
@@ -497,7 +497,7 @@ def write_markdown(r: dict[str, Any], stages: list[Any], out: Path) -> None:
 def write_report(cfg: Any, out: Path, stages: list[Any]) -> dict[str, Any]:
     """Write report.json, report.md and the grids into `out`; returns the report."""
     start = time.monotonic()
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     report = collect(cfg, out, stages, repo)
     report["images"] = write_grids(cfg, out, get(report, "tokenizer.image_size"))
     report["timing"]["report"] = time.monotonic() - start
