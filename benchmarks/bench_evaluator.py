@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from selftok.cli import setup_logging
+from selftok.runtime.cli import setup_logging
 from selftok.shapes import (
     COLORS,
     SHAPES,
@@ -38,9 +38,9 @@ from selftok.shapes import (
     judge,
     make_example,
     render_scene,
+    scene_objects,
     scene_spec,
 )
-from selftok.shapes.evaluator import scene_objects
 
 logger = logging.getLogger("bench_evaluator")
 

@@ -6,7 +6,7 @@ and renderer decode time per image.
     python benchmarks/bench_generate.py --batch-sizes 1 16 --dtype bf16 --out bench.json
 
 Methods (all sample the same K visual tokens per image with guidance and the visual mask):
-* ``ours``: `vlm.generate.sample_tokens` — cond + uncond rows in ONE forward per token, KV cache;
+* ``ours``: `vlm.sampler.sample_tokens` — cond + uncond rows in ONE forward per token, KV cache;
 * ``hf_generate_cfg``: `model.generate(guidance_scale=…, negative_prompt_ids=…)` — Hugging Face's
   guidance, which runs the unconditional branch as a second, separate (cached) pass each step;
 * ``no_cache``: the full sequence is re-run every step, conditional and unconditional as two passes.
@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from selftok.cli import setup_logging
-from selftok.config import load_config
-from vlm.generate import decode_codes, left_pad, position_ids, sample_tokens
+from selftok.runtime.cli import setup_logging
+from selftok.runtime.config import load_config
 from vlm.model import LlamaSpec, ModelConfig, build_model, export_model
+from vlm.sampler import decode_codes, left_pad, position_ids, sample_tokens
 from vlm.sampling import SamplingPolicy, policy_logprobs, sample_from_logprobs
 from vlm.vocab import Vocabulary
 
@@ -119,8 +119,8 @@ def time_methods(names: list[str], model, vocab, prompts, policy, autocast, repe
 def load_image_tokenizer(directory: str | None, preset: str | None, train_config: str):
     """A trained tokenizer folder, or a randomly initialised preset or training config's model (decode time does
     not depend on the weights)."""
-    from selftok.presets import get_preset
-    from selftok.tokenizer import SelftokTokenizer
+    from selftok.model.presets import get_preset
+    from selftok.model.tokenizer import SelftokTokenizer
     from selftok.train import TrainConfig
     if directory:
         return SelftokTokenizer.from_pretrained(directory).eval()
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokenizer", default=None, help="trained Selftok tokenizer folder (default: random weights)")
     p.add_argument("--tokenizer-config", default=str(ROOT / "configs" / "tokenizer_shapes.yaml"),
                    help="training config whose model section is timed with random weights")
-    p.add_argument("--tokenizer-preset", default=None, help="a selftok.presets name instead of --tokenizer-config")
+    p.add_argument("--tokenizer-preset", default=None, help="a selftok.model.presets name instead of --tokenizer-config")
     p.add_argument("--decoder-steps", type=int, default=50, help="diffusion decoder steps to time (0: skip)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))

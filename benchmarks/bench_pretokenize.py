@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selftok.config import from_dict
-from selftok.data import DataConfig, ImageSource
-from selftok.presets import get_preset
+from selftok.data.shards import ar_to_encoder_order, iter_token_batches, open_token_shards
+from selftok.data.sources import DataConfig, ImageSource
+from selftok.model.presets import get_preset
+from selftok.model.tokenizer import SelftokTokenizer
 from selftok.pretokenize import PretokenizeConfig, pretokenize
-from selftok.shards import ar_to_encoder_order, iter_token_batches, open_token_shards
-from selftok.tokenizer import SelftokTokenizer
+from selftok.runtime.config import from_dict
 
 
 def encoder_throughput(tok: SelftokTokenizer, images: torch.Tensor, batch_size: int, precision: str) -> float:

@@ -24,8 +24,8 @@ import torch
 import yaml
 
 from rl.train import RLConfig, setup, train_step
-from selftok.cli import setup_logging
-from selftok.config import from_dict, load_config
+from selftok.runtime.cli import setup_logging
+from selftok.runtime.config import from_dict, load_config
 
 log = logging.getLogger("bench_rl")
 PHASES = ("rollout_s", "render_s", "reward_s", "update_s")
@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def random_artifacts(root: Path) -> tuple[Path, Path]:
     """A random VLM of the demo size and a random shapes-64 tokenizer with its renderer, saved to `root`."""
-    from selftok.presets import get_preset
+    from selftok.model.presets import get_preset
+    from selftok.model.tokenizer import SelftokTokenizer
     from selftok.shapes import CATEGORIES, all_specs, caption_variants
-    from selftok.tokenizer import SelftokTokenizer
     from vlm.model import LlamaSpec, ModelConfig, build_model, export_model
     from vlm.text_tokenizer import train_text_tokenizer
     from vlm.vocab import Vocabulary

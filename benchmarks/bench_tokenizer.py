@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from selftok.presets import load_tokenizer_config
-from selftok.renderer import Renderer
-from selftok.tokenizer import SelftokTokenizer
+from selftok.model.presets import load_tokenizer_config
+from selftok.model.renderer import Renderer
+from selftok.model.tokenizer import SelftokTokenizer
 
 log = logging.getLogger("bench_tokenizer")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

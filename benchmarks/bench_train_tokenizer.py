@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from selftok import objectives
-from selftok.config import load_config
-from selftok.shape_net import ShapeNet
-from selftok.tokenizer import SelftokTokenizer
+from selftok.model.tokenizer import SelftokTokenizer
+from selftok.runtime.config import load_config
+from selftok.training import objectives
+from selftok.training.shape_net import ShapeNet
 from selftok.train import (
     STAGES,
     Stage0Objective,
@@ -39,6 +39,7 @@ from selftok.train import (
     step_generator,
     uses_math_attention,
 )
+from selftok.training import objectives
 
 ROOT = Path(__file__).resolve().parents[1]
 

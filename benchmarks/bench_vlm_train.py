@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selftok import shards as token_shards
-from selftok.config import load_config
+from selftok.data import shards as token_shards
+from selftok.runtime.config import load_config
 from vlm.model import count_matmul_params
 from vlm.train import TrainConfig, setup, train_step
 

@@ -25,6 +25,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from selftok.shapes import (
+    CATEGORIES,
+    PromptParseError,
+    SpecError,
+    heldout_prompts,
+    load_prompts,
+    parse_prompt,
+    spec_signature,
+    split_specs,
+)
+
 log = logging.getLogger(__name__)
 
 
@@ -67,7 +78,6 @@ def prompt_key(item: dict[str, Any]) -> str:
     """Identity of a prompt for the held-out check: its spec's canonical signature when it has clauses
     (so two phrasings of one spec are the same prompt), else its normalised text."""
     if item.get("include"):
-        from selftok.shapes import spec_signature
 
         return "spec:" + spec_signature(item)
     return "text:" + " ".join(str(item["prompt"]).lower().split()).rstrip(".")
@@ -77,7 +87,6 @@ def load_prompt_file(path: str | Path) -> list[dict[str, Any]]:
     """Prompt items from GenEval-style JSONL (specs used as they are) or plain text (one prompt per line;
     '#' comments and blank lines skipped). A text line the shapes grammar can parse gets its spec (the
     line stays the prompt text); any other line is a bare text prompt with tag "text"."""
-    from selftok.shapes import PromptParseError, SpecError, load_prompts, parse_prompt
 
     path = Path(path)
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
@@ -104,7 +113,6 @@ def _hash_unit(key: str) -> float:
 def build_prompt_sets(cfg: PromptsConfig, seed: int = 0) -> PromptSets:
     """The run's training and held-out prompts (disjoint by `prompt_key`)."""
     if cfg.source == "shapes":
-        from selftok.shapes import CATEGORIES, heldout_prompts, split_specs
 
         train = [s for tag in CATEGORIES for s in split_specs("train", tag)]
         heldout = heldout_prompts()

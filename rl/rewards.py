@@ -32,6 +32,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from selftok.shapes import ImageError, SpecError, evaluate_image, validate_spec
+
 log = logging.getLogger(__name__)
 
 RewardKind = Literal["shapes", "clip", "vqa"]
@@ -105,7 +107,6 @@ class ShapesReward:
         self.partial_credit = partial_credit
 
     def check_prompts(self, prompts: Sequence[dict[str, Any]]) -> None:
-        from selftok.shapes import SpecError, validate_spec
 
         bad = []
         for i, p in enumerate(prompts):
@@ -120,7 +121,6 @@ class ShapesReward:
                 f"the shapes program reward cannot judge {len(bad)} of {len(prompts)} prompts:\n" + "\n".join(bad))
 
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[dict[str, Any]]) -> RewardOutput:
-        from selftok.shapes import ImageError, evaluate_image
 
         _check_lengths(images, prompts)
         scores, details = [], []

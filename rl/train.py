@@ -9,7 +9,7 @@ Each step: every process samples ``rollout.batch_size`` images (``batch_size / g
 renderer, scores them with the reward, and updates the policy with the GRPO loss (`rl.grpo`) for
 ``update.epochs`` passes of mini-batches, accumulating gradients over micro-batches.
 
-**On-policy log-probabilities.** Log-probs are computed with `vlm.generate.score_tokens`, i.e. with the
+**On-policy log-probabilities.** Log-probs are computed with `vlm.sampler.score_tokens`, i.e. with the
 same `vlm.sampling.policy_logprobs` the sampler drew from: the visual-vocabulary mask, temperature,
 top-k/top-p and — for guided rollouts — the CFG-mixed distribution ``uncond + s·(cond − uncond)``. The
 gradient flows through both the conditional and the unconditional rows, because the policy that produced
@@ -20,7 +20,7 @@ same function gives the reference log-probs for the KL term, so KL is measured b
 **Why not TRL's GRPOTrainer.** TRL 1.16 recomputes log-probs with a full-vocabulary softmax of one
 unguided forward (``_get_per_token_logps_and_entropies``): no visual mask, no CFG — off-policy for this
 sampler. Its rewards see decoded text, not rendered images; its checkpoints are HF Trainer state rather
-than the atomic accelerate state with exact prompt and RNG position that `selftok.runs` provides; and its
+than the atomic accelerate state with exact prompt and RNG position that `selftok.runtime.runs` provides; and its
 batching assumes one sequence per sample, while a guided sample is two rows. Replacing those pieces would
 leave only the outer loop, so this module owns the loop and keeps the math as pure, tested functions in
 `rl.grpo` (the same k3 KL and clipped ratio as TRL's ``loss_type="grpo"``).
@@ -40,7 +40,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,19 +48,23 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from rl.grpo import AdvantageScale, entropy_estimate, group_advantages, grpo_loss
 from rl.prompts import PromptsConfig, PromptSets, build_prompt_sets, schedule_prompts
-from rl.rewards import Reward, RewardConfig, build_reward
-from selftok import runs
-from selftok.cli import entry_point, parse_run_config, run_parser, setup_logging
-from selftok.config import ConfigError, to_dict
-from selftok.grid import image_grid, to_pil_images
-from vlm.generate import (
+from rl.rewards import Reward, RewardConfig, ShapesReward, build_reward
+from selftok.runtime import runs
+from selftok.runtime.cli import entry_point, parse_run_config, run_parser, setup_logging
+from selftok.runtime.config import ConfigError, to_dict
+from selftok.runtime.grid import save_grid, to_pil_images
+from selftok.runtime.launch import make_accelerator
+from selftok.shapes import category_means
+from vlm.model import LoraSpec, ModelConfig, apply_training_mode, export_model
+from vlm.pipeline import load_pipeline
+from vlm.sampler import (
     allowed_ids,
     decode_codes,
     generate_image_tokens,
@@ -71,7 +74,6 @@ from vlm.generate import (
     t2i_prompt_ids,
     uncond_prompt_ids,
 )
-from vlm.model import LoraSpec, ModelConfig, apply_training_mode, export_model
 from vlm.sampling import SamplingPolicy
 from vlm.vocab import Vocabulary, ar_to_encoder_order
 
@@ -253,21 +255,9 @@ class Rollout(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------- setup
-def make_accelerator(cfg: RLConfig, run_dir: Path) -> Accelerator:
-    cuda = torch.cuda.is_available()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not cuda else []
-    return Accelerator(cpu=not cuda, mixed_precision=cfg.update.mixed_precision, log_with="tensorboard",
-                       project_config=ProjectConfiguration(project_dir=str(run_dir),
-                                                           logging_dir=str(run_dir / "tb")),
-                       kwargs_handlers=handlers)
-
-
 def load_policy(cfg: PolicyConfig, device: torch.device) -> Any:
-    """The VLM folder and its Selftok tokenizer (`vlm.generate.load_pipeline`, which refuses mismatched
+    """The VLM folder and its Selftok tokenizer (`vlm.pipeline.load_pipeline`, which refuses mismatched
     pairs); the tokenizer must have a renderer, the model is fp32 (mixed precision is autocast's job)."""
-    from vlm.generate import load_pipeline
-
     if not cfg.vlm_path or not cfg.tokenizer_path:
         raise ConfigError("policy.vlm_path and policy.tokenizer_path must point at a VLM folder (vlm.train's "
                           "final/) and the Selftok tokenizer (with a renderer) it was trained on")
@@ -289,12 +279,10 @@ def check_prompts(prompts: PromptSets, reward: Reward, eval_reward: Reward) -> N
 
 
 def setup(cfg: RLConfig) -> RLState:
-    from rl.rewards import ShapesReward
-
     run_dir = Path(cfg.output_dir)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    acc = make_accelerator(cfg, run_dir)
+    acc = make_accelerator(run_dir, cfg.update.mixed_precision)
     setup_logging(acc.is_main_process)
     prompts = build_prompt_sets(cfg.prompts, cfg.update.seed)
     reward = build_reward(cfg.rewards, acc.device)
@@ -576,7 +564,7 @@ def evaluate(state: RLState) -> dict[str, Any]:
     if acc.is_main_process:
         with (state.run_dir / "eval.jsonl").open("a") as f:
             f.write(json.dumps(result) + "\n")
-        save_grid(state, [im for _, im in sorted(grid, key=lambda t: t[0])])
+        log_samples(state, [im for _, im in sorted(grid, key=lambda t: t[0])])
         acc.log({f"eval/{k}": v for k, v in result["per_category"].items()} | {"eval/overall": result["overall"]},
                 step=step)
         log.info("eval step %d: overall %.3f %s", step, result["overall"],
@@ -587,14 +575,10 @@ def evaluate(state: RLState) -> dict[str, Any]:
 def summarize_eval(entries: Sequence[dict[str, Any]], scores: Sequence[float], details: Sequence[dict[str, Any]],
                    metric: str) -> dict[str, Any]:
     """Per-category mean (accuracy for the program metric) and overall = mean of the categories (GenEval)."""
-    per: dict[str, list[float]] = {}
-    for e, s, d in zip(entries, scores, details):
-        value = float(d.get("correct", False)) if metric == "program" else s
-        if math.isfinite(value):
-            per.setdefault(str(e.get("tag", "text")), []).append(value)
-    cats = {k: sum(v) / len(v) for k, v in per.items()}
-    return {"overall": sum(cats.values()) / len(cats) if cats else 0.0, "per_category": cats,
-            "counts": {k: len(v) for k, v in per.items()}, "n": len(entries)}
+    values = ((str(e.get("tag", "text")), float(d.get("correct", False)) if metric == "program" else s)
+              for e, s, d in zip(entries, scores, details))
+    overall, cats, counts = category_means((tag, v) for tag, v in values if math.isfinite(v))
+    return {"overall": overall, "per_category": cats, "counts": counts, "n": len(entries)}
 
 
 def grid_indices(state: RLState) -> list[int]:
@@ -604,14 +588,12 @@ def grid_indices(state: RLState) -> list[int]:
     return [((i * len(held)) // k) * n for i in range(k)]
 
 
-def save_grid(state: RLState, images: Sequence[Image.Image]) -> None:
+def log_samples(state: RLState, images: Sequence[Image.Image]) -> None:
     """samples/step_XXXXXXXX.png (and TensorBoard): the same held-out prompts and seeds at every evaluation."""
     if not images:
         return
-    grid = image_grid(images, ncols=min(len(images), 6))
-    out = state.run_dir / "samples"
-    out.mkdir(parents=True, exist_ok=True)
-    grid.save(out / f"step_{state.progress.step:08d}.png")
+    grid = save_grid(images, state.run_dir / "samples" / f"step_{state.progress.step:08d}.png",
+                     ncols=min(len(images), 6))
     tracker = state.accelerator.get_tracker("tensorboard", unwrap=True)
     if hasattr(tracker, "add_image"):
         tracker.add_image("samples/heldout", np.asarray(grid), state.progress.step, dataformats="HWC")

@@ -26,4 +26,4 @@ if [ "${DEMO_SKIP_INSTALL:-0}" != "1" ] && [ "$(cat "$STAMP" 2>/dev/null || true
     "$PY" -m pip install -q -e .
     echo "$WANT" > "$STAMP"
 fi
-exec "$PY" scripts/demo.py "$@"
+exec "$PY" -m scripts.demo "$@"

@@ -6,7 +6,7 @@
 
 Inputs are split into shards of `output.shard_size` consecutive inputs (shard s = inputs s·S … s·S+S−1, a
 pure function of the input order), and shard s goes to rank s mod world_size. Each rank writes its shards
-atomically (`selftok.shards.write_shard`); a shard is done once its progress record exists. Re-running the
+atomically (`selftok.data.shards.write_shard`); a shard is done once its progress record exists. Re-running the
 same command skips finished shards and redoes the rest, so an interrupted job (even SIGKILL, even with a
 different number of processes) completes with every input exactly once. A folder holding a manifest of a
 different job (tokenizer weights or config, source, transform, shard plan) is refused. The last step (rank 0)
@@ -31,22 +31,26 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from selftok.cli import entry_point, parse_run_config, run_parser, setup_logging
-from selftok.config import config_diff, to_dict
-from selftok.data import DataConfig, ImageBatch, ImageSource, make_loader
-from selftok.runs import finish_distributed
-from selftok.shards import (
+from selftok.data.shards import (
     ORDER_AR,
     ShardError,
     ShardManifest,
+    ar_to_encoder_order,
     codes_to_uint16,
     encoder_to_ar_order,
+    open_token_shards,
     read_records,
+    read_tokens,
     remove_stale_files,
     token_table,
     write_shard,
 )
-from selftok.tokenizer import SelftokTokenizer
+from selftok.data.sources import DataConfig, ImageBatch, ImageSource, make_loader
+from selftok.loaders.official import load_tokenizer
+from selftok.model.tokenizer import SelftokTokenizer
+from selftok.runtime.cli import entry_point, parse_run_config, run_parser, setup_logging
+from selftok.runtime.config import config_diff, to_dict
+from selftok.runtime.runs import finish_distributed
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +117,10 @@ class PretokenizeConfig:
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
-def load_tokenizer(cfg: TokenizerSourceConfig) -> SelftokTokenizer:
-    if cfg.path is not None:
-        return SelftokTokenizer.from_pretrained(cfg.path, vae_path=cfg.vae_path)
-    if cfg.official is not None:
-        return SelftokTokenizer.from_official(cfg.official, yaml_path=cfg.official_yaml, vae_path=cfg.vae_path)
-    raise ValueError("no tokenizer: set tokenizer.path (a save_pretrained directory) or tokenizer.official")
+def tokenizer_from(cfg: TokenizerSourceConfig) -> SelftokTokenizer:
+    if cfg.path is None and cfg.official is None:
+        raise ValueError("no tokenizer: set tokenizer.path (a save_pretrained directory) or tokenizer.official")
+    return load_tokenizer(cfg.path or cfg.official, cfg.official_yaml, cfg.vae_path)
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
@@ -285,7 +287,7 @@ def process_state():
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != state.num_processes:
         raise RuntimeError(f"launched with WORLD_SIZE={launched} but accelerate set up {state.num_processes} "
-                           "process(es); set ACCELERATE_USE_CPU=1 for CPU runs (see ENVIRONMENT_NOTES)")
+                           "process(es); set ACCELERATE_USE_CPU=1 for CPU runs (docs/pretokenize.md)")
     return state
 
 
@@ -301,7 +303,7 @@ def pretokenize(cfg: PretokenizeConfig, tokenizer: SelftokTokenizer | None = Non
     state = process_state()
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
     if tokenizer is None:
-        tok = load_tokenizer(cfg.tokenizer)
+        tok = tokenizer_from(cfg.tokenizer)
         tokenizer_info = describe_tokenizer(tok)
         tok.decoder, tok.renderer = None, None  # only the encoder and the codebook are needed to encode
     else:
@@ -348,7 +350,6 @@ def inspect(directory: str, tokenizer: SelftokTokenizer | None = None, n: int = 
     into a PNG grid (renderer if present, else `steps` diffusion steps)."""
     from PIL import Image
 
-    from selftok.shards import ar_to_encoder_order, open_token_shards, read_tokens
 
     manifest, ds = open_token_shards(directory, allow_incomplete=True, in_memory=True)
     reasons = collections.Counter(r["reason"].split(":", 1)[0] for r in manifest.rejects)
@@ -395,7 +396,7 @@ def inspect_main(argv: list[str]) -> int:
     setup_logging()
     tok = None
     if args.tokenizer or args.official:
-        tok = load_tokenizer(TokenizerSourceConfig(args.tokenizer, args.official, args.official_yaml, args.vae_path))
+        tok = tokenizer_from(TokenizerSourceConfig(args.tokenizer, args.official, args.official_yaml, args.vae_path))
     out = args.out or (str(Path(args.dir) / "inspect.png") if tok is not None else None)
     summary = inspect(args.dir, tok, args.n, out, args.steps)
     sys.stdout.write(json.dumps(summary, indent=1, default=str) + "\n")
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     state = process_state()
     setup_logging(state.is_main_process)
     manifest = pretokenize(cfg)
-    finish_distributed()  # clean exit (see ENVIRONMENT_NOTES)
+    finish_distributed()  # clean exit (docs/contracts.md, command-line scheme)
     return 0 if manifest is None or manifest.complete else 1
 
 

@@ -13,23 +13,24 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from selftok.cli import entry_point, parse_run_config, run_parser, setup_logging
-from selftok.config import to_dict
-from selftok.grid import image_grid, to_pil_images
-from selftok.tokenizer import SelftokTokenizer
+from selftok.data.images import TransformConfig, decode_image
+from selftok.loaders.official import load_tokenizer
+from selftok.model.tokenizer import SelftokTokenizer
+from selftok.runtime.cli import entry_point, parse_run_config, run_parser, setup_logging
+from selftok.runtime.config import to_dict
+from selftok.runtime.grid import save_grid, to_pil_images
+from selftok.runtime.io import IMAGE_SUFFIXES
+from selftok.training.metrics import psnr
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 @dataclass
@@ -65,34 +66,9 @@ class ReconstructConfig:
             raise ValueError("steps and batch_size must be positive")
 
 
-def psnr_8bit(a: torch.Tensor, b: torch.Tensor) -> list[float]:
-    """Per-image PSNR of images in [0, 1] after 8-bit quantisation (``x·255 + 0.5``), over H×W×3."""
-    qa, qb = ((x.clamp(0, 1) * 255 + 0.5).floor().double() for x in (a, b))
-    mse = (qa - qb).pow(2).flatten(1).mean(1)
-    return [float("inf") if m == 0 else 20 * math.log10(255) - 10 * math.log10(float(m)) for m in mse]
-
-
 def load_image(path: Path, size: int) -> torch.Tensor:
-    """RGB, short side resized to `size` (bilinear), centre crop: (3, size, size) in [0, 1]."""
-    img = Image.open(path).convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-
-
-def save_grid(path: Path, columns: list[torch.Tensor]) -> None:
-    """Save images (3, H, W) side by side as one PNG."""
-    image_grid(to_pil_images(torch.stack(columns)), ncols=len(columns), pad=0).save(path)
-
-
-def load_tokenizer(cfg: ReconstructConfig) -> SelftokTokenizer:
-    if cfg.tokenizer is not None:
-        return SelftokTokenizer.from_pretrained(cfg.tokenizer, vae_path=cfg.vae_path)
-    return SelftokTokenizer.from_official(cfg.official, yaml_path=cfg.official_yaml, vae_path=cfg.vae_path)
+    """The training and pre-tokenization transform (`selftok.data.images`): (3, size, size) in [0, 1]."""
+    return decode_image(path.read_bytes(), TransformConfig(image_size=size)).float() / 255
 
 
 def decoders_to_run(tok: SelftokTokenizer, choice: str) -> list[str]:
@@ -116,11 +92,11 @@ def reconstruct_batch(tok: SelftokTokenizer, images: torch.Tensor, names: list[s
 
 
 def run(cfg: ReconstructConfig) -> dict:
-    tok = load_tokenizer(cfg).to(cfg.device)
+    tok = load_tokenizer(cfg.tokenizer or cfg.official, cfg.official_yaml, cfg.vae_path).to(cfg.device)
     names = decoders_to_run(tok, cfg.decoder)
     paths = sorted(p for p in Path(cfg.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {cfg.images}")
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {cfg.images}")
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
@@ -131,10 +107,11 @@ def run(cfg: ReconstructConfig) -> dict:
         with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
             recon = reconstruct_batch(tok, images, names, cfg, generator)
         images = images.cpu()
-        scores = {n: psnr_8bit(recon[n], images) for n in names}
-        vae_scores = {n: psnr_8bit(recon[n], recon["vae"]) for n in names} if "vae" in recon else {}
+        scores = {n: psnr(recon[n], images).tolist() for n in names}
+        vae_scores = {n: psnr(recon[n], recon["vae"]).tolist() for n in names} if "vae" in recon else {}
         for i, path in enumerate(batch):
-            save_grid(out_dir / f"{path.stem}.png", [images[i]] + [recon[n][i] for n in names])
+            columns = torch.stack([images[i]] + [recon[n][i] for n in names])
+            save_grid(to_pil_images(columns), out_dir / f"{path.stem}.png", ncols=len(columns), pad=0)
             rec = {"name": path.name, "psnr": {n: scores[n][i] for n in names}}
             if vae_scores:
                 rec["psnr_vs_vae"] = {n: vae_scores[n][i] for n in names}

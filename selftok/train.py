@@ -30,25 +30,31 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from selftok import flow, objectives
-from selftok.cli import entry_point, parse_run_config, run_parser, setup_logging
-from selftok.config import ConfigError, to_dict
-from selftok.data import DataConfig, collate_samples
-from selftok.layers import crop_pos_embed, explicit_attention
-from selftok.runs import (
+from selftok.data.sources import DataConfig, collate_samples
+from selftok.loaders.official import load_tokenizer
+from selftok.loaders.sd3 import load_sd3_image_stream
+from selftok.model import flow
+from selftok.model.layers import crop_pos_embed, explicit_attention
+from selftok.model.tokenizer import WEIGHTS_NAME, SelftokTokenizer, TokenizerConfig
+from selftok.runtime.cli import entry_point, parse_run_config, run_parser, setup_logging
+from selftok.runtime.config import ConfigError, to_dict
+from selftok.runtime.io import replace_dir
+from selftok.runtime.launch import make_accelerator
+from selftok.runtime.runs import (
     check_finite,
     checkpoint_step,
     finish_distributed,
@@ -56,13 +62,11 @@ from selftok.runs import (
     pin_run_config,
     save_checkpoint,
 )
-from selftok.shape_net import ShapeNet, ShapeNetConfig, label_maps, shape_distance, train_shape_net
-from selftok.tokenizer import WEIGHTS_NAME, SelftokTokenizer, TokenizerConfig
-from selftok.train_data import CachedSource, DataStream, DataStreamConfig, RejectGuard, build_source
-from selftok.train_eval import EvalConfig, HeldOut, encode_heldout, evaluate_autoencoder, evaluate_stage
-
-if TYPE_CHECKING:
-    from accelerate import Accelerator
+from selftok.training import objectives
+from selftok.training.evaluation import EvalConfig, HeldOut, encode_heldout, evaluate_autoencoder, evaluate_stage
+from selftok.training.perceptual import load_perceptual
+from selftok.training.shape_net import ShapeNet, ShapeNetConfig, label_maps, shape_distance, train_shape_net
+from selftok.training.stream import CachedSource, DataStream, DataStreamConfig, RejectGuard, build_source
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +153,7 @@ class Stage1Config:
     with this weight on its latent MSE. Its one-step regression gives the encoder a direct reconstruction
     signal, which the velocity loss only provides at t ≈ 1; stage 2 then continues from this renderer."""
     shape_weight: float = 0.0
-    """Not in the paper: weight of the shape net's perceptual distance (`selftok.shape_net`) between the
+    """Not in the paper: weight of the shape net's perceptual distance (`selftok.training.shape_net`) between the
     joint renderer's prediction and the target latent; needs ``renderer_weight`` and ``shape_net.steps``."""
 
     def __post_init__(self) -> None:
@@ -181,7 +185,7 @@ class Stage2Config:
     perceptual_weights: str | None = None
     """Local VGG16 (+ optional LPIPS linear heads) weights; nothing is downloaded."""
     shape_weight: float = 0.0
-    """The shape net's perceptual distance on latents (`selftok.shape_net`); needs ``shape_net.steps``."""
+    """The shape net's perceptual distance on latents (`selftok.training.shape_net`); needs ``shape_net.steps``."""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -225,7 +229,7 @@ class RunConfig:
     ≈1.02× stage 1, 1.10× stage 2 on CPU, after a ~20 s compile)."""
     attention: Literal["auto", "math", "default"] = "auto"
     """Training attention kernel: ``math`` = plain matmul + softmax in the compute dtype
-    (`selftok.layers.explicit_attention`); ``default`` = torch's SDPA choice; ``auto`` = math on CPU, where
+    (`selftok.model.layers.explicit_attention`); ``default`` = torch's SDPA choice; ``auto`` = math on CPU, where
     torch's fused flash-attention backward costs ~6× its forward on these short sequences and SDPA's own math
     backend upcasts to fp32, default elsewhere."""
     tensorboard: bool = True
@@ -475,13 +479,10 @@ class Context:
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
-    return Accelerator(mixed_precision=cfg.run.mixed_precision, cpu=cfg.run.cpu,
-                       log_with="tensorboard" if cfg.run.tensorboard else None,
-                       project_dir=cfg.run.out_dir, kwargs_handlers=handlers)
+    return make_accelerator(Path(cfg.run.out_dir), cfg.run.mixed_precision,
+                            log_with="tensorboard" if cfg.run.tensorboard else None,
+                            logging_dir=Path(cfg.run.out_dir), force_cpu=cfg.run.cpu, handlers=handlers)
 
 
 def build_tokenizer(cfg: TrainConfig) -> SelftokTokenizer:
@@ -494,7 +495,6 @@ def build_tokenizer(cfg: TrainConfig) -> SelftokTokenizer:
     if cfg.init.sd3_mmdit:
         if tok.decoder is None:
             raise ConfigError("init.sd3_mmdit initialises the diffusion decoder, but model.decoder is null")
-        from selftok.sd3_init import load_sd3_image_stream
         loaded = load_sd3_image_stream(tok.decoder, cfg.init.sd3_mmdit)
         log.info("initialised %d decoder tensors from SD3 MMDiT %s", len(loaded), cfg.init.sd3_mmdit)
     return tok
@@ -503,11 +503,7 @@ def build_tokenizer(cfg: TrainConfig) -> SelftokTokenizer:
 def load_initial_tokenizer(tok: SelftokTokenizer, path: str, official_yaml: str | None) -> None:
     """Copy encoder + quantizer (and the decoder / renderer where both have one) from a trained tokenizer;
     every copied part is loaded strictly. A renderer without a source renderer starts from the decoder."""
-    p = Path(path)
-    if p.is_dir():
-        src = SelftokTokenizer.from_pretrained(p)
-    else:
-        src = SelftokTokenizer.from_official(p, yaml_path=official_yaml)
+    src = load_tokenizer(path, official_yaml)
     if tok.cfg.latent.kind == "autoencoder":
         check_same_latents(tok.cfg.latent, src.cfg.latent, path)
     for name in ("latents", "encoder", "quantizer", "decoder", "renderer"):
@@ -819,9 +815,7 @@ def export(ctx: Context, directory: Path) -> None:
         if tmp.exists():
             shutil.rmtree(tmp)
         ctx.tok.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        replace_dir(tmp, directory)
         log.info("saved tokenizer to %s", directory)
     acc.wait_for_everyone()
 
@@ -924,8 +918,7 @@ def prepare_shape_net(ctx: Context) -> None:
         tmp.mkdir(parents=True)
         save_file(net.state_dict(), str(tmp / WEIGHTS_NAME))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
+        replace_dir(tmp, directory)
     acc.wait_for_everyone()
     net = ShapeNet(tok.cfg.latent.channels, tok.cfg.latent_size, cfg.width, cfg.map_size)
     net.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
@@ -936,10 +929,8 @@ def prepare_shape_net(ctx: Context) -> None:
 def setup_losses(ctx: Context) -> None:
     """Optional perceptual loss / LPIPS metric from local weights."""
     if ctx.cfg.stage2.perceptual_weight:
-        from selftok.perceptual import load_perceptual
         ctx.perceptual = load_perceptual(ctx.cfg.stage2.perceptual_weights).to(ctx.accelerator.device)
     if ctx.cfg.eval.lpips_weights:
-        from selftok.perceptual import load_perceptual
         ctx.lpips = load_perceptual(ctx.cfg.eval.lpips_weights).to(ctx.accelerator.device)
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from selftok.presets import get_preset
+from selftok.model.presets import get_preset
+from selftok.model.tokenizer import SelftokTokenizer
 from selftok.shapes import CATEGORIES, all_specs, caption_variants
-from selftok.tokenizer import SelftokTokenizer
 from vlm.model import LlamaSpec, ModelConfig, build_model, export_model
 from vlm.text_tokenizer import train_text_tokenizer
 from vlm.vocab import Vocabulary

@@ -1,5 +1,5 @@
 """Process entry points: every console script exits 0 after a successful job, and a rank of a multi-process
-launch ends through `os._exit` with its logs flushed (see `selftok.cli.exit_process`)."""
+launch ends through `os._exit` with its logs flushed (see `selftok.runtime.cli.exit_process`)."""
 from __future__ import annotations
 
 import importlib
@@ -37,7 +37,7 @@ def test_a_finished_job_exits_zero(tmp_path, monkeypatch):
 @pytest.mark.parametrize("world_size", ["1", "2"])
 def test_exit_process_flushes_logs_and_keeps_the_status(world_size):
     code = ("import logging, sys\n"
-            "from selftok.cli import exit_process, setup_logging\n"
+            "from selftok.runtime.cli import exit_process, setup_logging\n"
             "setup_logging()\n"
             "logging.getLogger('job').info('finished')\n"
             "sys.stdout.write('unflushed stdout')\n"

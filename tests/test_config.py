@@ -8,7 +8,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from selftok.config import ConfigError, apply_overrides, config_diff, from_dict, load_config, to_dict
+from selftok.runtime.config import ConfigError, apply_overrides, config_diff, from_dict, load_config, to_dict
 
 
 @dataclasses.dataclass
@@ -82,7 +82,7 @@ CONFIG_CLASSES = {
     "pretokenize": "selftok.pretokenize:PretokenizeConfig",
     "vlm": "vlm.train:TrainConfig",
     "rl": "rl.train:RLConfig",
-    "demo": "scripts/demo.py:DemoConfig",
+    "demo": "scripts.demo.pipeline:DemoConfig",
 }
 
 
@@ -93,15 +93,4 @@ def _config_class_for(name: str):
     if prefix not in CONFIG_CLASSES:
         raise AssertionError(f"configs/{name}: no run config registered for prefix {prefix!r} in {CONFIG_CLASSES}")
     module, cls = CONFIG_CLASSES[prefix].split(":")
-    if module.endswith(".py"):  # the demo orchestrator is a script, not a package module
-        import importlib.util
-
-        path = Path(__file__).resolve().parents[1] / module
-        spec = importlib.util.spec_from_file_location("demo_script", path)
-        mod = importlib.util.module_from_spec(spec)
-        import sys
-
-        sys.modules["demo_script"] = mod
-        spec.loader.exec_module(mod)
-        return getattr(mod, cls)
     return getattr(importlib.import_module(module), cls)

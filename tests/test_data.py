@@ -11,17 +11,14 @@ import torch
 from data_testutil import bad_corpus, bomb_png, encode, noise_image, write_imagefolder
 from PIL import Image
 
-from selftok.data import (
+from selftok.data.images import Rejected, TransformConfig, decode_image, resize_center_crop
+from selftok.data.sources import (
     DataConfig,
     ImageSource,
     RejectCounter,
-    Rejected,
     ShapesSourceConfig,
-    TransformConfig,
     collate_samples,
-    decode_image,
     make_loader,
-    resize_center_crop,
 )
 
 S = 16
@@ -215,6 +212,6 @@ def test_shapes_source_and_loader_images():
 
 
 def test_collate_of_only_rejects_is_an_empty_batch():
-    from selftok.data import Sample
+    from selftok.data.sources import Sample
     batch = collate_samples([Sample(0, "a", None, [], None, "corrupt: x"), Sample(1, "b", None, [], None, "empty: y")])
     assert len(batch) == 0 and batch.pixels.shape[0] == 0 and [r.index for r in batch.rejects] == [0, 1]

@@ -1,4 +1,4 @@
-"""The demo (scripts/demo.sh, scripts/demo.py): stage bookkeeping, and the smoke run end to end.
+"""The demo (scripts/demo.sh, scripts.demo): stage bookkeeping, and the smoke run end to end.
 
 The end-to-end part runs ``scripts/demo.sh --smoke`` once (every stage's real command at minimal sizes), then
 re-runs it to check reuse, breaks outputs to check that they are detected and redone, interrupts a redo of the
@@ -6,7 +6,6 @@ VLM stage and checks that the resumed run ends with the same weights and figures
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -16,6 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from scripts.demo import pipeline as demo
+from scripts.demo import runner
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
@@ -29,19 +31,6 @@ STAGES = ["shapes", "tokenizer", "pretokenize", "vlm", "vlm_eval", "rl", "rl_eva
 CATEGORIES = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 
 
-def load_demo():
-    sys.path.insert(0, str(SCRIPTS))  # demo.py imports demo_report from its own folder, as when run directly
-    try:
-        spec = importlib.util.spec_from_file_location("demo", SCRIPTS / "demo.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["demo"] = module  # dataclasses and typing look classes' modules up by name
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(SCRIPTS))
-
-
-demo = load_demo()
 
 
 # ------------------------------------------------------------------------------------------------ bookkeeping
@@ -50,79 +39,79 @@ def make_stage(tmp_path: Path, name: str = "s", files: dict[str, bytes] | None =
     for rel, data in (files or {"s/a.bin": b"x" * 100, "s/sub/b.txt": b"hello"}).items():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(data)
-    stage = demo.Stage(name, "a stage", "s", ["s"], [], commands=[demo.Command("selftok.shapes", ["--help"])])
+    stage = runner.Stage(name, "a stage", "s", ["s"], [], commands=[runner.Command("selftok.shapes", ["--help"])])
     return out, stage
 
 
 def finish(out: Path, stage, fp: str) -> None:
-    demo.write_json(out / "stages" / f"{stage.name}.done.json",
+    runner.write_json(out / "stages" / f"{stage.name}.done.json",
                     {"fingerprint": fp, "finished": "now", "seconds": 1.0,
-                     "outputs": demo.digest_outputs(out, stage.outputs)})
+                     "outputs": runner.digest_outputs(out, stage.outputs)})
 
 
 def test_check_outputs_names_missing_truncated_and_changed_files(tmp_path):
     out, stage = make_stage(tmp_path)
-    recorded = demo.digest_outputs(out, stage.outputs)
+    recorded = runner.digest_outputs(out, stage.outputs)
     assert sorted(recorded) == ["s/a.bin", "s/sub/b.txt"]
-    assert demo.check_outputs(out, recorded) is None
+    assert runner.check_outputs(out, recorded) is None
     (out / "s/a.bin").write_bytes(b"x" * 40)                      # truncated
-    assert "s/a.bin has 40 bytes, 100" in demo.check_outputs(out, recorded)
+    assert "s/a.bin has 40 bytes, 100" in runner.check_outputs(out, recorded)
     (out / "s/a.bin").write_bytes(b"y" * 100)                     # same size, other bytes
-    assert "s/a.bin changed" in demo.check_outputs(out, recorded)
+    assert "s/a.bin changed" in runner.check_outputs(out, recorded)
     (out / "s/a.bin").unlink()
-    assert "s/a.bin is missing" in demo.check_outputs(out, recorded)
-    assert demo.check_outputs(out, {}) is not None                # a record without outputs proves nothing
+    assert "s/a.bin is missing" in runner.check_outputs(out, recorded)
+    assert runner.check_outputs(out, {}) is not None                # a record without outputs proves nothing
 
 
 def test_leftover_tmp_files_are_not_outputs(tmp_path):
     out, stage = make_stage(tmp_path, files={"s/a.bin": b"1", "s/a.bin.tmp": b"2", "s/step_1.tmp/x": b"3"})
-    assert list(demo.digest_outputs(out, stage.outputs)) == ["s/a.bin"]
+    assert list(runner.digest_outputs(out, stage.outputs)) == ["s/a.bin"]
 
 
 def test_decide_reuse_redo_resume(tmp_path):
     out, stage = make_stage(tmp_path)
     records = out / "stages"
-    fp = demo.fingerprint(stage, upstream=["abc"])
-    assert demo.decide(stage, fp, records, out, False, None).action == "redo"   # leftover folder, no record
+    fp = runner.fingerprint(stage, upstream=["abc"])
+    assert runner.decide(stage, fp, records, out, False, None).action == "redo"   # leftover folder, no record
     started = {"fingerprint": fp, "attempts": 1, "seconds": 3.0}
-    demo.write_json(records / "s.started.json", started)
-    assert demo.decide(stage, fp, records, out, False, None).action == "resume"
-    assert demo.decide(stage, "other", records, out, False, None).action == "redo"
-    demo.write_json(records / "s.started.json", {**started, "failed": "exit status 1"})
-    assert demo.decide(stage, fp, records, out, False, None).reason == "its last attempt failed; starting it from scratch"
+    runner.write_json(records / "s.started.json", started)
+    assert runner.decide(stage, fp, records, out, False, None).action == "resume"
+    assert runner.decide(stage, "other", records, out, False, None).action == "redo"
+    runner.write_json(records / "s.started.json", {**started, "failed": "exit status 1"})
+    assert runner.decide(stage, fp, records, out, False, None).reason == "its last attempt failed; starting it from scratch"
     (records / "s.started.json").unlink()
     finish(out, stage, fp)
-    assert demo.decide(stage, fp, records, out, False, None).action == "reuse"
-    assert demo.decide(stage, fp, records, out, True, None).reason == "--force"
-    later = demo.decide(stage, fp, records, out, False, "tokenizer")
+    assert runner.decide(stage, fp, records, out, False, None).action == "reuse"
+    assert runner.decide(stage, fp, records, out, True, None).reason == "--force"
+    later = runner.decide(stage, fp, records, out, False, "tokenizer")
     assert (later.action, "'tokenizer' ran again" in later.reason) == ("redo", True)
     # the fingerprint covers upstream outputs: a changed input means a redo
-    changed = demo.decide(stage, demo.fingerprint(stage, upstream=["abd"]), records, out, False, None)
+    changed = runner.decide(stage, runner.fingerprint(stage, upstream=["abd"]), records, out, False, None)
     assert (changed.action, "changed" in changed.reason) == ("redo", True)
     with open(out / "s/sub/b.txt", "ab") as f:
         f.write(b"!")
-    broken = demo.decide(stage, fp, records, out, False, None)
+    broken = runner.decide(stage, fp, records, out, False, None)
     assert broken.action == "redo" and "missing or broken" in broken.reason and "s/sub/b.txt" in broken.reason
 
 
 def test_fingerprint_depends_on_commands_configs_and_inputs(tmp_path):
     _, stage = make_stage(tmp_path)
-    fp = demo.fingerprint(stage, ["u"])
-    assert fp == demo.fingerprint(stage, ["u"])
-    assert fp != demo.fingerprint(stage, ["v"])
+    fp = runner.fingerprint(stage, ["u"])
+    assert fp == runner.fingerprint(stage, ["u"])
+    assert fp != runner.fingerprint(stage, ["v"])
     stage.configs = {"s": {"optim": {"lr": 1e-3}}}
-    fp2 = demo.fingerprint(stage, ["u"])
+    fp2 = runner.fingerprint(stage, ["u"])
     stage.configs = {"s": {"optim": {"lr": 2e-3}}}
-    assert len({fp, fp2, demo.fingerprint(stage, ["u"])}) == 3
+    assert len({fp, fp2, runner.fingerprint(stage, ["u"])}) == 3
 
 
 def test_unavailable_names_the_missing_command_or_config(tmp_path):
     _, stage = make_stage(tmp_path)
-    assert demo.unavailable(stage) is None
-    stage.commands = [demo.Command("selftok.no_such_stage", [])]
-    assert "python -m selftok.no_such_stage" in demo.unavailable(stage)
+    assert runner.unavailable(stage) is None
+    stage.commands = [runner.Command("selftok.no_such_stage", [])]
+    assert "python -m selftok.no_such_stage" in runner.unavailable(stage)
     stage.commands, stage.needs = [], ["configs/no_such_config.yaml"]
-    assert "configs/no_such_config.yaml" in demo.unavailable(stage)
+    assert "configs/no_such_config.yaml" in runner.unavailable(stage)
 
 
 def test_wiring_chains_the_stages_and_keeps_user_overrides(tmp_path):
@@ -145,8 +134,8 @@ def test_wiring_chains_the_stages_and_keeps_user_overrides(tmp_path):
 def test_heartbeat_shows_the_latest_progress_line(tmp_path):
     log = tmp_path / "stage.log"
     log.write_bytes(b"loading\nvlm:  10%|#   | 1/10\rvlm:  20%|##  | 2/10\r")
-    assert demo.last_line(log) == "vlm:  20%|##  | 2/10"
-    assert demo.last_line(tmp_path / "missing.log") == ""
+    assert runner.last_line(log) == "vlm:  20%|##  | 2/10"
+    assert runner.last_line(tmp_path / "missing.log") == ""
 
 
 def test_bad_demo_config_exits_with_status_2(capsys):
@@ -166,7 +155,7 @@ def run_demo(out: Path, *args: str) -> subprocess.CompletedProcess:
         cmd = ["bash", str(SCRIPTS / "demo.sh")]
         env["VENV"] = sys.prefix
     else:
-        cmd = [sys.executable, str(SCRIPTS / "demo.py")]
+        cmd = [sys.executable, "-m", "scripts.demo"]
     return subprocess.run([*cmd, "--smoke", "--out", str(out), *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600, check=False)
 
@@ -187,7 +176,7 @@ def smoke(tmp_path_factory):
 def test_smoke_runs_every_available_stage(smoke):
     out, proc, seconds = smoke
     text = proc.stdout + proc.stderr
-    expected_rc = demo.EXIT_UNAVAILABLE if EXPECTED_MISSING_STAGES else 0
+    expected_rc = runner.EXIT_UNAVAILABLE if EXPECTED_MISSING_STAGES else 0
     assert proc.returncode == expected_rc, text[-4000:]
     for i, name in enumerate(available_stages()):
         assert f"{i + 1}/7 {name}: start" in text and f"{i + 1}/7 {name}: done in" in text, text[-4000:]
@@ -273,7 +262,7 @@ def test_broken_vlm_is_redone_and_an_interrupted_redo_resumes_to_the_same_figure
     recorded = json.loads((out / "stages" / "vlm.done.json").read_text())["outputs"][weights]
     (out / weights).unlink()
     env = {**os.environ, "DEMO_SKIP_INSTALL": "1"}
-    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "demo.py"), "--smoke", "--out", str(out)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.demo", "--smoke", "--out", str(out)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     started = out / "stages" / "vlm.started.json"  # written once the old run folder has been emptied
     checkpoint = out / "vlm" / "checkpoints" / "step_00000010" / "meta.json"

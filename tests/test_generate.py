@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from vlm.generate import (
+from vlm.sampler import (
     generate_image_tokens,
     generate_text,
     left_pad,
@@ -185,14 +185,14 @@ def test_prompts_empty_is_unconditional_and_long_is_truncated(vocab, text_tokeni
     assert rows[2] == [vocab.bos_id, 4 + WORDS.index("a"), 4 + WORDS.index("red"), 4 + WORDS.index("circle"),
                        vocab.boi_id]
     long = " ".join(["red"] * 12)
-    with caplog.at_level(logging.WARNING, logger="vlm.generate"):
+    with caplog.at_level(logging.WARNING, logger="vlm.sampler"):
         (row,) = t2i_prompt_ids(vocab, text_tokenizer, [long], max_tokens=5)
     assert len(row) == 7 and row[-1] == vocab.boi_id and "truncated" in caplog.text
 
 
 def test_over_long_prompt_still_generates_within_the_context(vocab, text_tokenizer, caplog):
     model = tiny_llama(vocab.model_vocab_size, context=24)  # 24 - K(8) - 4 = 12 caption tokens at most
-    with caplog.at_level(logging.WARNING, logger="vlm.generate"):
+    with caplog.at_level(logging.WARNING, logger="vlm.sampler"):
         out = generate_image_tokens(model, vocab, text_tokenizer, [" ".join(["blue"] * 40)], SamplingPolicy(), [0])
     assert "truncated" in caplog.text and vocab.is_visual(out.token_ids[:, :vocab.K]).all()
 
@@ -241,8 +241,8 @@ def test_captions_use_text_ids_and_stop_at_eos(vocab, text_tokenizer):
 
 @pytest.fixture(scope="module")
 def image_tokenizer():
-    from selftok.presets import get_preset
-    from selftok.tokenizer import SelftokTokenizer
+    from selftok.model.presets import get_preset
+    from selftok.model.tokenizer import SelftokTokenizer
     torch.manual_seed(0)
     tok = SelftokTokenizer(get_preset("tiny")).eval()  # K = 16, codebook 64, 32 px
     with torch.no_grad():  # AdaLN-Zero starts by ignoring the codes: give the zero-initialised weights values
@@ -272,7 +272,8 @@ def pair_dirs(tmp_path_factory, image_tokenizer):
 
 def test_images_are_decoded_from_encoder_order(pair_dirs, image_tokenizer):
     """Would fail if the sampled (AR-order) codes reached the renderer unflipped."""
-    from vlm.generate import generate_images, load_pipeline
+    from vlm.pipeline import load_pipeline
+    from vlm.sampler import generate_images
     pipe = load_pipeline(*pair_dirs)
     tokens, images = generate_images(pipe.model, pipe.vocab, pipe.text_tokenizer, image_tokenizer,
                                      ["a red circle", "two blue square"], SamplingPolicy(), [3, 4])
@@ -283,7 +284,7 @@ def test_images_are_decoded_from_encoder_order(pair_dirs, image_tokenizer):
 
 
 def test_diffusion_decoding_uses_per_image_seeds(image_tokenizer):
-    from vlm.generate import decode_codes
+    from vlm.sampler import decode_codes
     codes = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
     batch = decode_codes(image_tokenizer, codes, "diffusion", steps=2, seeds=[7, 8, 9], batch_size=3)
     alone = decode_codes(image_tokenizer, codes[1:2], "diffusion", steps=2, seeds=[8])
@@ -293,9 +294,9 @@ def test_diffusion_decoding_uses_per_image_seeds(image_tokenizer):
 
 
 def test_a_mismatched_model_and_tokenizer_pair_is_refused(tmp_path, pair_dirs, vocab):
-    from selftok.presets import get_preset
-    from selftok.tokenizer import SelftokTokenizer
-    from vlm.generate import check_pair, load_pipeline
+    from selftok.model.presets import get_preset
+    from selftok.model.tokenizer import SelftokTokenizer
+    from vlm.pipeline import check_pair, load_pipeline
     from vlm.vocab import VocabularyError
     other = get_preset("tiny")
     other.quantizer.codebook_size = 32
@@ -403,7 +404,7 @@ def test_cli_rejects_a_policy_that_does_not_fit_the_verb(pair_dirs, tmp_path, ca
 def test_questions_are_appended_and_truncated_to_the_context(vocab, text_tokenizer, caplog):
     model = tiny_llama(vocab.model_vocab_size, seed=3, context=8 + 3 + 4 + 2)  # room for 2 question ids
     codes = torch.randint(0, vocab.codebook_size, (2, vocab.K), generator=torch.Generator().manual_seed(0))
-    with caplog.at_level(logging.WARNING, logger="vlm.generate"):
+    with caplog.at_level(logging.WARNING, logger="vlm.sampler"):
         texts = generate_text(model, vocab, text_tokenizer, codes, questions=["red", "the red circle above"],
                               max_new_tokens=4)
     assert len(texts) == 2 and "question of 4 tokens truncated to 2" in caplog.text

@@ -15,8 +15,7 @@ from tokenizer_testutil import (  # noqa: F401
     single_thread,
 )
 
-from selftok.config import to_dict
-from selftok.official import (
+from selftok.loaders.official import (
     CheckpointError,
     config_from_official,
     infer_official_config,
@@ -24,8 +23,9 @@ from selftok.official import (
     map_official_state_dict,
     read_state_dict,
 )
-from selftok.presets import get_preset
-from selftok.tokenizer import SelftokTokenizer
+from selftok.model.presets import get_preset
+from selftok.model.tokenizer import SelftokTokenizer
+from selftok.runtime.config import to_dict
 
 
 class NotATensor:

@@ -7,9 +7,9 @@ import pytest
 import torch
 from tokenizer_testutil import single_thread  # noqa: F401
 
-from selftok.official import map_official_name
-from selftok.presets import get_preset
-from selftok.tokenizer import SelftokTokenizer
+from selftok.loaders.official import map_official_name
+from selftok.model.presets import get_preset
+from selftok.model.tokenizer import SelftokTokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 CASES = [("manifest_tokenizer_512.json", "selftok-512", "decoder"),

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tokenizer_testutil import REFERENCE, load_reference_model, reference_io, single_thread  # noqa: F401
 
-from selftok.layers import sincos_1d, sincos_2d, token_positions
-from selftok.mmdit import joint_attention_mask
-from selftok.schedule import visible_mask
+from selftok.model.layers import sincos_1d, sincos_2d, token_positions
+from selftok.model.mmdit import joint_attention_mask
+from selftok.model.schedule import visible_mask
 
 ATOL = 1e-4
 

@@ -16,12 +16,12 @@ import torch
 import yaml
 from data_testutil import bad_corpus, encode, noise_image, write_imagefolder
 
-from selftok.config import from_dict, load_config
-from selftok.data import ImageSource
-from selftok.presets import load_tokenizer_config
+from selftok.data.shards import ShardError, open_token_shards
+from selftok.data.sources import ImageSource
+from selftok.model.presets import load_tokenizer_config
+from selftok.model.tokenizer import SelftokTokenizer
 from selftok.pretokenize import PretokenizeConfig, inspect, main, pretokenize
-from selftok.shards import ShardError, open_token_shards
-from selftok.tokenizer import SelftokTokenizer
+from selftok.runtime.config import from_dict, load_config
 
 S = 16
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selftok.quantizer import (
+from selftok.model.quantizer import (
     CosineQuantizer,
     QuantizerConfig,
     entropy,

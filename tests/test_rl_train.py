@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from rl.prompts import PromptsConfig, build_prompt_sets, prompt_key, schedule_prompts
 from rl.rewards import RewardOutput, RewardPromptError
 from rl.train import RLConfig, frozen_logprobs, main, scoring_inputs, setup, train_step
-from selftok.config import ConfigError, load_config
+from selftok.runtime.config import ConfigError, load_config
 from selftok.shapes import heldout_prompts, parse_prompt
 
 TIMING_KEYS = ("rollout_s", "render_s", "reward_s", "update_s", "rl_seconds")
@@ -60,7 +60,7 @@ def tiny_config(artifacts, out: Path, **extra) -> dict:
 
 
 def _load(cfg: dict) -> RLConfig:
-    from selftok.config import from_dict
+    from selftok.runtime.config import from_dict
 
     return from_dict(RLConfig, cfg)
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from selftok.config import ConfigError, from_dict
+from selftok.runtime.config import ConfigError, from_dict
 from vlm.sampling import (
     SamplingPolicy,
     cfg_mix,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tokenizer_testutil import single_thread  # noqa: F401
 
-from selftok.shape_net import NUM_CLASSES, ShapeNet, ShapeNetConfig, label_maps, shape_distance, train_shape_net
+from selftok.training.shape_net import NUM_CLASSES, ShapeNet, ShapeNetConfig, label_maps, shape_distance, train_shape_net
 from selftok.shapes import SHAPES, Scene, ShapeObject, make_example, shape_map
 
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from selftok.shards import (
+from selftok.data.shards import (
     ShardError,
     ShardManifest,
     ar_to_encoder_order,

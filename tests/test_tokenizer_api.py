@@ -4,11 +4,11 @@ import pytest
 import torch
 from tokenizer_testutil import single_thread  # noqa: F401
 
-from selftok.config import ConfigError
-from selftok.latents import PixelLatents
-from selftok.presets import get_preset, load_tokenizer_config
-from selftok.schedule import visible_mask
-from selftok.tokenizer import SelftokTokenizer
+from selftok.model.latents import PixelLatents
+from selftok.model.presets import get_preset, load_tokenizer_config
+from selftok.model.schedule import visible_mask
+from selftok.model.tokenizer import SelftokTokenizer
+from selftok.runtime.config import ConfigError
 
 
 def randomize(model: SelftokTokenizer, seed: int = 0) -> SelftokTokenizer:
@@ -198,7 +198,7 @@ def test_learned_autoencoder_travels_inside_the_saved_tokenizer(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from selftok.latents import AutoencoderConfig, LatentConfig
+    from selftok.model.latents import AutoencoderConfig, LatentConfig
     cfg = get_preset("tiny")
     cfg = replace(cfg, latent=LatentConfig(kind="autoencoder", factor=4,
                                            autoencoder=AutoencoderConfig(block_out_channels=(8, 8, 16),

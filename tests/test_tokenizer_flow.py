@@ -2,7 +2,7 @@
 import torch
 from tokenizer_testutil import single_thread  # noqa: F401
 
-from selftok.flow import (
+from selftok.model.flow import (
     euler_sample,
     euler_step,
     flow_loss,
@@ -11,7 +11,7 @@ from selftok.flow import (
     shift_time,
     velocity_target,
 )
-from selftok.schedule import ScheduleConfig, TokenSchedule
+from selftok.model.schedule import ScheduleConfig, TokenSchedule
 
 
 def test_interpolation_endpoints_and_velocity():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from tokenizer_testutil import single_thread  # noqa: F401
 
-from selftok.latents import (
+from selftok.model.latents import (
     SD3_SCALE,
     SD3_SHIFT,
     AutoencoderConfig,

@@ -8,16 +8,26 @@ import torch
 from PIL import Image
 from tokenizer_testutil import single_thread  # noqa: F401
 
-from selftok.presets import get_preset
-from selftok.reconstruct import main, psnr_8bit
-from selftok.tokenizer import SelftokTokenizer
+from selftok.data.images import TransformConfig, prepare_image
+from selftok.model.presets import get_preset
+from selftok.model.tokenizer import SelftokTokenizer
+from selftok.reconstruct import load_image, main
+from selftok.training.metrics import PSNR_MAX_DB, psnr
 
 
 def test_psnr_8bit_analytic():
     a = torch.zeros(1, 3, 4, 4)
-    assert psnr_8bit(a, a) == [float("inf")]
+    assert psnr(a, a).tolist() == [PSNR_MAX_DB]  # identical images: capped (the official formula gives inf)
     b = torch.full((1, 3, 4, 4), 1 / 255)  # one 8-bit level everywhere: MSE = 1
-    assert psnr_8bit(a, b)[0] == pytest.approx(20 * math.log10(255))
+    assert psnr(a, b)[0].item() == pytest.approx(20 * math.log10(255))
+
+
+def test_reconstruct_preprocesses_images_like_training_and_pretokenization(tmp_path):
+    # 100×67 → short side 64: torchvision's Resize truncates the long side to 95 (the old loader rounded to 96)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (67, 100, 3), dtype=np.uint8)).save(tmp_path / "im.png")
+    expected = prepare_image(Image.open(tmp_path / "im.png"), TransformConfig(image_size=64)).float() / 255
+    assert torch.equal(load_image(tmp_path / "im.png", 64), expected)
 
 
 def test_reconstruct_folder(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from tokenizer_testutil import FIXTURES, REFERENCE, single_thread  # noqa: F401
 
-from selftok.schedule import ScheduleConfig, TokenSchedule, visible_mask
+from selftok.model.schedule import ScheduleConfig, TokenSchedule, visible_mask
 
 
 def _cfg(c):

@@ -11,10 +11,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from selftok import train as train_mod
-from selftok.config import ConfigError
-from selftok.runs import NonFiniteLossError, latest_checkpoint
-from selftok.tokenizer import SelftokTokenizer
-from selftok.train_data import TooManyRejectsError
+from selftok.model.tokenizer import SelftokTokenizer
+from selftok.runtime.config import ConfigError
+from selftok.runtime.runs import NonFiniteLossError, latest_checkpoint
+from selftok.training.stream import TooManyRejectsError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "tokenizer_smoke.yaml")

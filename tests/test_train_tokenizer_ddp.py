@@ -17,9 +17,9 @@ SMOKE = ROOT / "configs" / "tokenizer_smoke.yaml"
 SCRIPT = r'''
 import json, sys
 import torch, torch.distributed as dist
-from selftok.cli import exit_process
-from selftok.config import load_config
-from selftok.runs import finish_distributed
+from selftok.runtime.cli import exit_process
+from selftok.runtime.config import load_config
+from selftok.runtime.runs import finish_distributed
 from selftok.train import TrainConfig, train
 cfg = load_config(TrainConfig, sys.argv[1], sys.argv[3:])
 ctx = train(cfg)

@@ -6,11 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from selftok import objectives
-from selftok.metrics import psnr, ssim
-from selftok.mmdit import MMDiT, MMDiTConfig
-from selftok.renderer import Renderer, RendererConfig
-from selftok.sd3_init import SD3_PREFIX, ignored_sd3_names, load_sd3_image_stream, map_sd3_state_dict
+from selftok.loaders.sd3 import SD3_PREFIX, ignored_sd3_names, load_sd3_image_stream, map_sd3_state_dict
+from selftok.model.mmdit import MMDiT, MMDiTConfig
+from selftok.model.renderer import Renderer, RendererConfig
 from selftok.train import (
     OptimConfig,
     attention_kernel,
@@ -20,7 +18,9 @@ from selftok.train import (
     step_generator,
     uses_math_attention,
 )
-from selftok.train_data import batch_indices
+from selftok.training import objectives
+from selftok.training.metrics import psnr, ssim
+from selftok.training.stream import batch_indices
 
 
 def test_lr_factor_warmup_and_decays():
@@ -118,8 +118,8 @@ def test_renderer_initialised_from_decoder_predicts_its_x0_guess():
 def test_fresh_models_pass_image_information_from_the_first_step():
     """The training inits (open encoder query gates, sin-cos renderer table): a fresh encoder already tells
     two images apart, and a fresh renderer's patches start from the smooth 2-D table (docs: the CPU recipe)."""
-    from selftok.encoder import EncoderConfig, QFormerEncoder
-    from selftok.layers import sincos_2d
+    from selftok.model.encoder import EncoderConfig, QFormerEncoder
+    from selftok.model.layers import sincos_2d
 
     torch.manual_seed(0)
     enc = QFormerEncoder(EncoderConfig(patch_size=2, hidden_size=32, num_heads=2, depth=2, query_dim=32,
@@ -137,7 +137,7 @@ def test_explicit_attention_matches_sdpa():
     gradients, keep a query row that may attend nothing finite, and stay off on GPUs."""
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    from selftok.layers import attention
+    from selftok.model.layers import attention
 
     cpu = torch.device("cpu")
     torch.manual_seed(0)
@@ -238,6 +238,13 @@ def test_sd3_mapping_names_missing_and_misshaped_tensors():
     assert "joint_blocks.1.x_block.mlp.fc1.weight" in str(e.value) and "x_embedder.proj.weight" in str(e.value)
 
 
+def test_psnr_rounds_halves_up_like_the_official_evaluator():
+    # the official evaluator writes 8-bit PNGs as floor(x·255 + 0.5): 254.5 becomes 255, so these are identical
+    # (round-half-to-even made it 254 and reported 48.1 dB)
+    a = torch.full((1, 3, 4, 4), 0.99803924560546875)  # x·255 = 254.5 exactly
+    assert psnr(a, torch.ones(1, 3, 4, 4)).tolist() == [100.0]
+
+
 def test_psnr_and_ssim_analytic():
     a = torch.zeros(2, 3, 16, 16)
     b = torch.full((2, 3, 16, 16), 0.1)
@@ -253,7 +260,7 @@ def test_psnr_and_ssim_analytic():
 
 
 def test_perceptual_loader_is_strict(tmp_path):
-    from selftok.perceptual import PerceptualDistance, load_perceptual
+    from selftok.training.perceptual import PerceptualDistance, load_perceptual
     torch.manual_seed(0)
     state = {k: v for k, v in PerceptualDistance().state_dict().items() if k.startswith("features.")}
     state.update({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))})
@@ -275,13 +282,13 @@ def test_perceptual_loader_is_strict(tmp_path):
 def test_shipped_configs_load_and_build(name):
     from pathlib import Path
 
-    from selftok.config import load_config
+    from selftok.runtime.config import load_config
     from selftok.train import TrainConfig
 
     cfg = load_config(TrainConfig, Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
     assert cfg.stage1.steps + cfg.stage2.steps > 0
     if cfg.model.image_size <= 64:  # the official sizes are GPU models: build only the small ones here
-        from selftok.tokenizer import SelftokTokenizer
+        from selftok.model.tokenizer import SelftokTokenizer
         tok = SelftokTokenizer(cfg.model)
         assert tok.K == cfg.model.schedule.K
     else:

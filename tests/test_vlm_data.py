@@ -9,7 +9,7 @@ import pytest
 import torch
 from vlm_testutil import CAPTIONS, one_thread, write_shards  # noqa: F401 (autouse fixture)
 
-from selftok.shards import ShardError, open_token_shards
+from selftok.data.shards import ShardError, open_token_shards
 from vlm.data import (
     I2T,
     IGNORE,

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from vlm_testutil import one_thread, step_losses, tiny_llama_overrides, write_shards  # noqa: F401 (autouse fixture)
 
-from selftok.config import ConfigError, from_dict
+from selftok.runtime.config import ConfigError, from_dict
 from vlm.train import TrainConfig, cosine_lr, main
 from vlm.vocab import Vocabulary, VocabularyError
 
@@ -116,8 +116,8 @@ def test_bad_configs_are_clear_errors(tmp_path):
 
 
 def test_periodic_sample_grids_use_the_renderer(tmp_path):
-    from selftok.presets import get_preset
-    from selftok.tokenizer import SelftokTokenizer
+    from selftok.model.presets import get_preset
+    from selftok.model.tokenizer import SelftokTokenizer
     torch.manual_seed(0)
     image_tokenizer = SelftokTokenizer(get_preset("tiny"))  # K = 16, 64 codes, 32 px, with a renderer
     image_tokenizer.save_pretrained(tmp_path / "tok")

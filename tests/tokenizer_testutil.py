@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from selftok.encoder import EncoderConfig
-from selftok.mmdit import MMDiTConfig
-from selftok.official import config_from_official, model_from_official_state, read_state_dict
-from selftok.renderer import RendererConfig
+from selftok.loaders.official import config_from_official, model_from_official_state, read_state_dict
+from selftok.model.encoder import EncoderConfig
+from selftok.model.mmdit import MMDiTConfig
+from selftok.model.renderer import RendererConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 REFERENCE = FIXTURES / "reference"

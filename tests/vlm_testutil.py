@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from selftok import shards
+from selftok.data import shards
 
 COLORS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -23,7 +23,7 @@ CAPTIONS = tuple(f"a {c} {s}" for c in COLORS for s in SHAPES) + tuple(
 
 def write_shards(directory: Path, n: int = 48, K: int = 8, codebook_size: int = 40, seed: int = 0,
                  order: str = "ar", n_files: int = 2) -> Path:
-    """Token shards written with selftok.shards; codes are a function of the caption so a model can learn them.
+    """Token shards written with selftok.data.shards; codes are a function of the caption so a model can learn them.
     Every 11th image has no caption."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from selftok.shards import read_tokens
+from selftok.data.shards import read_tokens
 from vlm.vocab import Vocabulary, VocabularyError, encode_caption
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def loss_token_count(batch: Batch) -> int:
 
 # ------------------------------------------------------------------------------------------------- the source
 class TokenSource:
-    """Batched random access to (codes, captions, ids) of a token-shard `datasets.Dataset` (selftok.shards)."""
+    """Batched random access to (codes, captions, ids) of a token-shard `datasets.Dataset` (selftok.data.shards)."""
 
     def __init__(self, dataset: Any) -> None:
         if getattr(dataset, "_indices", None) is not None:

@@ -15,11 +15,20 @@ from typing import Any
 
 import torch
 
-from selftok.grid import pil_to_tensor
-from selftok.shapes import PromptParseError, evaluate_folder, heldout_prompts, make_example, parse_prompt
-from selftok.shapes.evaluator import judge, scene_objects
-from selftok.shapes.spec import spec_signature
-from vlm.generate import Pipeline, generate_text, image_seed, write_atomic, write_t2i
+from selftok.runtime.grid import pil_to_tensor
+from selftok.runtime.io import write_atomic
+from selftok.shapes import (
+    PromptParseError,
+    evaluate_folder,
+    heldout_prompts,
+    judge,
+    make_example,
+    parse_prompt,
+    scene_objects,
+    spec_signature,
+)
+from vlm.pipeline import Pipeline, write_t2i
+from vlm.sampler import generate_text, image_seed
 from vlm.sampling import SamplingPolicy
 
 log = logging.getLogger(__name__)

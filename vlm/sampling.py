@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Vocabulary = Literal["visual", "text", "all"]
+VocabularyChoice = Literal["visual", "text", "all"]
 
 
 @dataclasses.dataclass
@@ -46,7 +46,7 @@ class SamplingPolicy:
     """keep only the k most likely ids (ties at the k-th value are kept); 0 = off; 1 = greedy."""
     top_p: float = 1.0
     """nucleus sampling: keep the smallest set of most likely ids whose mass reaches top_p; in (0, 1]."""
-    vocabulary: Vocabulary = "visual"
+    vocabulary: VocabularyChoice = "visual"
     """which ids may be sampled: "visual" (the image span), "text" (captions and answers), or "all"."""
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
 """A small text tokenizer trained deterministically with sentencepiece (the shapes world's base tokenizer).
 
 The settings give exact id parity between `sentencepiece` and the Hugging Face `LlamaTokenizer` loaded from the
-same model file (see ENVIRONMENT_NOTES): BPE, identity normalisation, byte fallback, digits split,
+same model file: BPE, identity normalisation, byte fallback, digits split,
 ``<unk>=0 <s>=1 </s>=2 <pad>=3``. Training reads the sorted set of distinct captions on one thread, so the same
 captions give the same tokenizer byte for byte whatever their order or multiplicity.
 """

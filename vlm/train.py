@@ -14,24 +14,29 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator, DistributedType
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from selftok import runs
-from selftok.cli import entry_point, parse_run_config, run_parser, setup_logging
-from selftok.config import to_dict
+from selftok.data.shards import open_token_shards
+from selftok.model.tokenizer import SelftokTokenizer
+from selftok.runtime import runs
+from selftok.runtime.cli import entry_point, parse_run_config, run_parser, setup_logging
+from selftok.runtime.config import to_dict
+from selftok.runtime.grid import image_grid, to_pil_images
+from selftok.runtime.launch import make_accelerator
 from vlm.data import TASKS, DataConfig, MixedStream, TokenSource
 from vlm.loss import backward_scale, next_token_loss_sums, unigram_entropy
 from vlm.model import ModelConfig, build_model, export_model
+from vlm.sampler import generate_images
+from vlm.sampling import SamplingPolicy
 from vlm.text_tokenizer import load_text_tokenizer, train_text_tokenizer
 from vlm.vocab import Vocabulary
 
@@ -61,7 +66,7 @@ class OptimConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     precision: Literal["fp32", "bf16"] = "bf16"
-    """bf16 autocast (fp32 master weights) or plain fp32. Never fp16 on CPU (ENVIRONMENT_NOTES)."""
+    """bf16 autocast (fp32 master weights) or plain fp32. Never fp16 on CPU (docs/vlm.md)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -139,30 +144,8 @@ def cosine_lr(step: int, base_lr: float, warmup: int, total: int, min_ratio: flo
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
-    cuda = torch.cuda.is_available()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use = {k: os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() == "true" for k in ("DEEPSPEED", "FSDP")}
-    if use["FSDP"] and not cuda:
-        raise RuntimeError("FSDP through accelerate needs CUDA devices (accelerate only turns GPU process groups "
-                           "into FSDP); on CPU use configs/accelerate/ddp.yaml, zero2.yaml or zero3.yaml")
-    # DeepSpeed through accelerate on CPU needs the gloo backend named explicitly (ENVIRONMENT_NOTES)
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if world > 1 and not cuda else []
-    # cpu=True keeps torchrun/DDP copies synchronised on CPU, but would silently turn DeepSpeed off
-    accelerator = Accelerator(
-        cpu=not cuda and not use["DEEPSPEED"], mixed_precision="bf16" if cfg.optim.precision == "bf16" else "no",
-        gradient_accumulation_steps=cfg.optim.grad_accum, log_with="tensorboard",
-        dynamo_backend="inductor" if cfg.compile else "no",
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
-        kwargs_handlers=handlers)
-    if world > 1 and accelerator.distributed_type == DistributedType.NO:
-        raise RuntimeError(f"launched with {world} processes but accelerate would run them unsynchronised")
-    return accelerator
-
-
 def open_shards(path: str) -> tuple[Any, Any]:
     """(manifest, datasets.Dataset) of a token-shard directory."""
-    from selftok.shards import open_token_shards
     if not path:
         raise ValueError("data.shards is empty: set it to a token-shard directory (python -m selftok.pretokenize)")
     return open_token_shards(path)
@@ -199,7 +182,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 def setup(cfg: TrainConfig) -> TrainState:
     run_dir = Path(cfg.output_dir)
-    accelerator = make_accelerator(cfg, run_dir)
+    accelerator = make_accelerator(run_dir, "bf16" if cfg.optim.precision == "bf16" else "no",
+                                   cfg.optim.grad_accum, compile=cfg.compile)
     setup_logging(accelerator.is_main_process)
     log.info("accelerate: %s, %d process(es), device %s, precision %s", accelerator.distributed_type,
              accelerator.num_processes, accelerator.device, cfg.optim.precision)
@@ -276,10 +260,6 @@ def train_step(state: TrainState) -> dict[str, float]:
 @torch.no_grad()
 def write_sample_grid(state: TrainState, step: int) -> Path | None:
     """Main process: sample images for `samples.prompts` (CFG, seeds 0..n-1) and save a PNG grid."""
-    from selftok.grid import image_grid, to_pil_images
-    from selftok.tokenizer import SelftokTokenizer
-    from vlm.generate import generate_images
-    from vlm.sampling import SamplingPolicy
     cfg, acc = state.cfg.samples, state.accelerator
     if acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3:
         log.warning("sample grids are skipped under ZeRO-3 (parameters are sharded across ranks)")

@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from selftok.shards import ShardError, ShardManifest, ar_to_encoder_order, check_manifest
+from selftok.data.shards import ShardError, ShardManifest, ar_to_encoder_order, check_manifest
+from selftok.runtime.io import write_atomic
 
 __all__ = ["Vocabulary", "VocabularyError", "ar_to_encoder_order", "encode_caption", "tokenizer_fingerprint"]
 
@@ -204,9 +204,7 @@ class Vocabulary:
         """Write ``vocab.json`` atomically into `directory`."""
         path = Path(directory) / VOCAB_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod

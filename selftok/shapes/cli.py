@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from selftok.cli import entry_point, setup_logging
+from selftok.runtime.cli import entry_point, setup_logging
 from selftok.shapes.folder import evaluate_folder, export_split
 from selftok.shapes.grammar import write_prompts
 from selftok.shapes.spec import CATEGORIES

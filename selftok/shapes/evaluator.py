@@ -416,21 +416,28 @@ def failed_judgement(spec: dict[str, Any] | None, error: str) -> Judgement:
     return Judgement(str(spec.get("tag", "unknown")), str(spec.get("prompt", "")), False, (), (), error)
 
 
+def category_means(rows: Iterable[tuple[str, float]]) -> tuple[float, dict[str, float], dict[str, int]]:
+    """GenEval's aggregation: (category, value) rows → (overall = the mean over categories of the per-category
+    means, per-category means, per-category counts); overall is 0 without rows."""
+    per: dict[str, list[float]] = {}
+    for tag, value in rows:
+        per.setdefault(tag, []).append(value)
+    means = {t: sum(v) / len(v) for t, v in per.items()}
+    return (sum(means.values()) / len(means) if means else 0.0), means, {t: len(v) for t, v in per.items()}
+
+
 def aggregate(judgements: Iterable[Judgement]) -> Scores:
     """GenEval aggregation of many verdicts."""
-    per: dict[str, list[bool]] = {}
+    judgements = list(judgements)
     kinds: dict[str, list[bool]] = {}
-    n_errors = 0
     for j in judgements:
-        per.setdefault(j.tag, []).append(j.correct)
-        n_errors += j.error is not None
         for c in j.claims:
             kinds.setdefault(c.kind, []).append(c.passed)
-    acc = {t: sum(v) / len(v) for t, v in per.items()}
-    return Scores(overall=sum(acc.values()) / len(acc) if acc else 0.0, per_category=acc,
-                  counts={t: len(v) for t, v in per.items()},
+    overall, acc, counts = category_means((j.tag, j.correct) for j in judgements)
+    n_errors = sum(j.error is not None for j in judgements)
+    return Scores(overall=overall, per_category=acc, counts=counts,
                   claims={k: sum(v) / len(v) for k, v in kinds.items()},
-                  n=sum(len(v) for v in per.values()), n_errors=n_errors)
+                  n=len(judgements), n_errors=n_errors)
 
 
 def overall_standard_error(rows: Iterable[tuple[str, str, float]]) -> float | None:

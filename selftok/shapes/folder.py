@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from selftok.runtime.io import IMAGE_SUFFIXES
 from selftok.shapes.dataset import iter_examples
 from selftok.shapes.evaluator import (
     EvaluatorConfig,
@@ -33,8 +34,6 @@ from selftok.shapes.grammar import PromptParseError, parse_prompt
 from selftok.shapes.spec import SpecError
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def export_split(out_dir: str | Path, split: str, n: int, seed: int = 0, size: int = 64) -> Path:

@@ -145,7 +145,7 @@ def render_scene(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Im
 
 def shape_map(scene: Scene, size: int) -> Image.Image:
     """A `size` x `size` label image ("L" mode, no anti-aliasing): 0 = background, 1 + SHAPES.index(shape)
-    inside each object. The targets of the shape net that training losses use (`selftok.shape_net`)."""
+    inside each object. The targets of the shape net that training losses use (`selftok.training.shape_net`)."""
     img = Image.new("L", (size, size), 0)
     _draw_objects(ImageDraw.Draw(img), scene.objects, size, lambda o: 1 + SHAPES.index(o.shape))
     return img

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +33,14 @@ def image_grid(images: Sequence[Image.Image], ncols: int | None = None, pad: int
         r, c = divmod(i, ncols)
         sheet.paste(im.convert("RGB"), (pad + c * (w + pad), pad + r * (h + pad)))
     return sheet
+
+
+def save_grid(images: Sequence[Image.Image], path: Path, ncols: int | None = None, pad: int = 2) -> Image.Image:
+    """`image_grid` saved as a PNG at `path` (its folder is created); returns the grid."""
+    grid = image_grid(images, ncols, pad)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return grid
 
 
 def pil_to_tensor(images: Sequence[Image.Image], size: int | None = None) -> torch.Tensor:

@@ -19,14 +19,14 @@ from typing import Any
 
 import yaml
 
-from selftok.config import ConfigError, apply_overrides, from_dict, to_dict
-from selftok.encoder import EncoderConfig
-from selftok.latents import LatentConfig
-from selftok.mmdit import MMDiTConfig
-from selftok.quantizer import QuantizerConfig
-from selftok.renderer import RendererConfig
-from selftok.schedule import ScheduleConfig
-from selftok.tokenizer import TokenizerConfig
+from selftok.model.encoder import EncoderConfig
+from selftok.model.latents import LatentConfig
+from selftok.model.mmdit import MMDiTConfig
+from selftok.model.quantizer import QuantizerConfig
+from selftok.model.renderer import RendererConfig
+from selftok.model.schedule import ScheduleConfig
+from selftok.model.tokenizer import TokenizerConfig
+from selftok.runtime.config import ConfigError, apply_overrides, from_dict, to_dict
 
 #: Official five-stage token split (K = 512) and the assumed K = 1024 split (2×).
 OFFICIAL_STAGES = (200, 400, 600, 800, 1000)

@@ -8,7 +8,7 @@ explicit float32 island with autocast disabled, so bf16 autocast does not change
 matrix is built in row chunks and no one-hot over the codebook is ever formed.
 
 Training path (train mode; official TRN ``VectorQuantize`` with ``ema_update``, ``kmeans_init``,
-``smart_react``; selftok_spec.md §3):
+``smart_react``; docs/tokenizer.md):
 * straight-through ``q_st = u + mix·sg(q − u)`` — `mix` ramps from 0 (continuous: codes bypassed, nothing
   changes) to 1 (fully quantized); commitment ``mean (sg(q) − u)²``;
 * k-means initialisation (10 spherical iterations) on the first quantized batch, gathered from all ranks;
@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selftok.layers import LN_EPS
+from selftok.model.layers import LN_EPS
 
 
 def fp32_island(device: torch.device):

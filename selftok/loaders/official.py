@@ -23,14 +23,14 @@ import torch
 import yaml
 from torch import Tensor
 
-from selftok.encoder import EncoderConfig
-from selftok.latents import LatentConfig
-from selftok.mmdit import MMDiTConfig
-from selftok.presets import official_tokenizer
-from selftok.quantizer import QuantizerConfig
-from selftok.renderer import RendererConfig
-from selftok.schedule import ScheduleConfig
-from selftok.tokenizer import SelftokTokenizer, TokenizerConfig
+from selftok.model.encoder import EncoderConfig
+from selftok.model.latents import LatentConfig
+from selftok.model.mmdit import MMDiTConfig
+from selftok.model.presets import official_tokenizer
+from selftok.model.quantizer import QuantizerConfig
+from selftok.model.renderer import RendererConfig
+from selftok.model.schedule import ScheduleConfig
+from selftok.model.tokenizer import SelftokTokenizer, TokenizerConfig
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +297,14 @@ def load_official(ckpt_path: str | Path, yaml_path: str | Path | None = None, va
     model = model_from_official_state(state, cfg)
     log.info("loaded official checkpoint %s", ckpt_path)
     return model
+
+
+def load_tokenizer(path: str | Path, official_yaml: str | Path | None = None,
+                   vae_path: str | None = None) -> SelftokTokenizer:
+    """A tokenizer from a `save_pretrained` folder or from an official ``.pth`` file (with its YAML)."""
+    if Path(path).is_dir():
+        return SelftokTokenizer.from_pretrained(path, vae_path=vae_path)
+    return load_official(path, yaml_path=official_yaml, vae_path=vae_path)
 
 
 def model_from_official_state(state: Mapping[str, Tensor], cfg: TokenizerConfig) -> SelftokTokenizer:

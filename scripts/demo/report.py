@@ -1,4 +1,4 @@
-"""The demo's report (scripts/demo.py): report.json, report.md (a one-page story) and PNG grids.
+"""The demo's report (scripts.demo): report.json, report.md (a one-page story) and PNG grids.
 
 Every number is read from what the stages wrote; the one computed here is RL's paired change, from the two
 evaluations' per-image verdicts (the same prompts and seeds):
@@ -28,7 +28,8 @@ from typing import Any
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
-from selftok.config import to_dict
+from selftok.runtime.config import to_dict
+from selftok.runtime.io import read_json, write_atomic
 from selftok.shapes import CATEGORIES, heldout_prompts, make_example, paired_change
 
 log = logging.getLogger("demo")
@@ -47,13 +48,6 @@ GOOD, BAD, INK = (30, 140, 60), (200, 40, 40), (20, 20, 20)
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -503,16 +497,14 @@ def write_markdown(r: dict[str, Any], stages: list[Any], out: Path) -> None:
 def write_report(cfg: Any, out: Path, stages: list[Any]) -> dict[str, Any]:
     """Write report.json, report.md and the grids into `out`; returns the report."""
     start = time.monotonic()
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     report = collect(cfg, out, stages, repo)
     report["images"] = write_grids(cfg, out, get(report, "tokenizer.image_size"))
     report["timing"]["report"] = time.monotonic() - start
     report["timing"]["total"] += report["timing"]["report"]
     report["acceptance"] = acceptance(report)
     write_markdown(report, stages, out)
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    os.replace(tmp, out / "report.json")
+    write_atomic(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     return report
 
 

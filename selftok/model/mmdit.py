@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from selftok.layers import (
+from selftok.model.layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,

@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from selftok.config import ConfigError, config_diff
+from selftok.runtime.config import ConfigError, config_diff
+from selftok.runtime.io import replace_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,7 @@ def pin_run_config(run_dir: str | Path, cfg: dict[str, Any], ignore: tuple[str, 
                 f"(saved -> requested): {'; '.join(diffs)}. Use a new output directory or the same config.")
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -81,9 +79,7 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep: int = 2) 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "meta.json").write_text(json.dumps({"step": step}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
         old = sorted(p for p in final.parent.iterdir() if p.is_dir() and not p.name.endswith(".tmp"))
         for p in old[:-keep] if keep > 0 else []:
             shutil.rmtree(p, ignore_errors=True)

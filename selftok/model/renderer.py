@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from selftok.layers import sincos_2d, unpatchify
-from selftok.mmdit import TokenConditionedTransformer, joint_attention_mask
+from selftok.model.layers import sincos_2d, unpatchify
+from selftok.model.mmdit import TokenConditionedTransformer, joint_attention_mask
 
 #: The renderer's fixed time input (already on the 0–1000 scale).
 RENDER_TIME = 1000.0

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from selftok.schedule import SamplerGrid
+from selftok.model.schedule import SamplerGrid
 
 
 @dataclass

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
-from selftok.config import ConfigError, load_config
+from selftok.runtime.config import ConfigError, load_config
 
 T = TypeVar("T")
 

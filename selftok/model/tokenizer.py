@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from selftok.config import load_config, save_config
-from selftok.encoder import EncoderConfig, QFormerEncoder
-from selftok.flow import FlowConfig, euler_sample
-from selftok.latents import LatentConfig, build_latent_adapter
-from selftok.mmdit import MMDiT, MMDiTConfig
-from selftok.quantizer import CosineQuantizer, QuantizerConfig, QuantizerOutput
-from selftok.renderer import Renderer, RendererConfig
-from selftok.schedule import ScheduleConfig, TokenSchedule
+from selftok.model.encoder import EncoderConfig, QFormerEncoder
+from selftok.model.flow import FlowConfig, euler_sample
+from selftok.model.latents import LatentConfig, build_latent_adapter
+from selftok.model.mmdit import MMDiT, MMDiTConfig
+from selftok.model.quantizer import CosineQuantizer, QuantizerConfig, QuantizerOutput
+from selftok.model.renderer import Renderer, RendererConfig
+from selftok.model.schedule import ScheduleConfig, TokenSchedule
+from selftok.runtime.config import load_config, save_config
 
 log = logging.getLogger(__name__)
 
@@ -219,14 +219,6 @@ class SelftokTokenizer(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 
-    @classmethod
-    def from_official(cls, ckpt_path: str | Path, yaml_path: str | Path | None = None,
-                      vae_path: str | None = None) -> SelftokTokenizer:
-        """Load an official ``.pth`` checkpoint (tokenizer or renderer); see `selftok.official`."""
-        from selftok.official import load_official
-        return load_official(ckpt_path, yaml_path=yaml_path, vae_path=vae_path)
-
-    # ------------------------------------------------------------------ input checks
     def _require(self, name: str) -> nn.Module:
         part = getattr(self, name)
         if part is None:

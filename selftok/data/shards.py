@@ -31,6 +31,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
+from selftok.runtime.io import write_atomic
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -134,7 +136,7 @@ class ShardManifest:
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / MANIFEST_NAME
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
+        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
         return path
 
     @classmethod
@@ -165,12 +167,6 @@ def check_manifest(manifest: ShardManifest, expect_K: int | None = None, expect_
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def shard_file_name(rank: int, shard: int) -> str:
     return f"shard-{rank:05d}-{shard:05d}.parquet"
 
@@ -233,7 +229,7 @@ def write_shard(directory: str | Path, rank: int, shard: int, table: pa.Table, r
                          fingerprint=fingerprint)
     progress = directory / PROGRESS_DIR
     progress.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(progress / f"{shard:05d}.json", json.dumps(dataclasses.asdict(record)))
+    write_atomic(progress / f"{shard:05d}.json", json.dumps(dataclasses.asdict(record)))
     return record
 
 

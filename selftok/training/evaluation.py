@@ -23,10 +23,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from selftok.data import DataConfig, ImageSource, ShapesSourceConfig, TransformConfig, collate_samples
-from selftok.grid import image_grid, to_pil_images
-from selftok.metrics import psnr, ssim
-from selftok.tokenizer import SelftokTokenizer
+from selftok.data.images import TransformConfig
+from selftok.data.sources import DataConfig, ImageSource, ShapesSourceConfig, collate_samples
+from selftok.model.tokenizer import SelftokTokenizer
+from selftok.runtime.grid import save_grid, to_pil_images
+from selftok.shapes import evaluate_image
+from selftok.training.metrics import psnr, ssim
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class EvalConfig:
     attributes: bool = True
     """Judge reconstructions with the shapes evaluator when samples carry a scene spec."""
     lpips_weights: str | None = None
-    """Local LPIPS weights (see `selftok.perceptual`); None = no LPIPS."""
+    """Local LPIPS weights (see `selftok.training.perceptual`); None = no LPIPS."""
     seed: int = 0
     """Seed of the decoder's starting noise."""
 
@@ -111,17 +113,16 @@ def reconstruct(tok: SelftokTokenizer, codes: Tensor, which: Literal["decoder", 
 
 def judge_attributes(images: Tensor, specs: list) -> list[bool | None]:
     """Shapes-world attribute preservation per image (None where the sample has no scene spec)."""
-    from selftok.shapes import evaluate_image
 
     arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [None if s is None else bool(evaluate_image(a, s).correct) for a, s in zip(arr, specs)]
 
 
-def save_grid(originals: Tensor, recons: Tensor, path: Path, n: int, per_row: int = 4) -> None:
+def save_pairs(originals: Tensor, recons: Tensor, path: Path, n: int, per_row: int = 4) -> None:
     """PNG of `n` (original | reconstruction) pairs, `per_row` pairs per row; inputs (N, 3, S, S) in [0, 1]."""
     n = min(n, originals.shape[0])
     pairs = torch.stack([originals[:n], recons[:n]], dim=1).flatten(0, 1)  # o0, r0, o1, r1, ...
-    image_grid(to_pil_images(pairs), ncols=2 * min(per_row, n), pad=0).save(path)
+    save_grid(to_pil_images(pairs), path, ncols=2 * min(per_row, n), pad=0)
 
 
 def encode_heldout(tok: SelftokTokenizer, held: HeldOut, batch_size: int) -> Tensor:
@@ -177,7 +178,7 @@ def score_reconstructions(recons: Tensor, held: HeldOut, cfg: EvalConfig, which:
                                                 for i in range(0, len(held), cfg.batch_size)]).mean())
     metrics["eval_seconds"] = time.time() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_grid(images, recons, out_dir / f"{tag}.png", cfg.grid_images)
+    save_pairs(images, recons, out_dir / f"{tag}.png", cfg.grid_images)
     (out_dir / f"{tag}.json").write_text(json.dumps({"which": which, **metrics}, indent=2))
     log.info("eval %s (%s): %s", tag, which, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                       for k, v in metrics.items()))

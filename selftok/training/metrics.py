@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: Upper bound reported for identical images (PSNR is +inf there).
+#: Reported for identical images, where the official evaluator's formula gives +inf: a finite value keeps means
+#: and JSON records usable (strict JSON has no infinity).
 PSNR_MAX_DB = 100.0
 
 
@@ -24,20 +25,22 @@ def _check_pair(a: Tensor, b: Tensor) -> None:
 
 
 def to_uint8_levels(images: Tensor) -> Tensor:
-    """[0, 1] floats → the nearest 8-bit level, still as floats in [0, 1]."""
-    return (images.float().clamp(0, 1) * 255).round() / 255
+    """[0, 1] floats → their 8-bit level as the official evaluator writes its PNGs (``x·255 + 0.5``, truncated:
+    halves round up), still as floats in [0, 1]."""
+    return (images.float().clamp(0, 1) * 255 + 0.5).floor() / 255
 
 
 def psnr(a: Tensor, b: Tensor, quantize: bool = True) -> Tensor:
     """Peak signal-to-noise ratio in dB per image: (B, C, H, W) pairs in [0, 1] → (B,).
 
-    ``10·log10(1 / MSE)``; identical images give `PSNR_MAX_DB`. `quantize` rounds both to 8-bit levels first."""
+    ``10·log10(1 / MSE)`` in float64 (with 8-bit levels: the official ``20·log10(255) − 10·log10(MSE₂₅₅)``);
+    identical images give `PSNR_MAX_DB`. `quantize` takes both to 8-bit levels first (`to_uint8_levels`)."""
     _check_pair(a, b)
     if quantize:
         a, b = to_uint8_levels(a), to_uint8_levels(b)
-    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
     out = 10 * torch.log10(1.0 / mse.clamp_min(1e-20))
-    return out.clamp(max=PSNR_MAX_DB)
+    return out.clamp(max=PSNR_MAX_DB).float()
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5, device: torch.device | None = None) -> Tensor:

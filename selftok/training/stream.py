@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from selftok.data import DataConfig, ImageBatch, ImageSource, RejectCounter, Sample, make_loader
+from selftok.data.sources import DataConfig, ImageBatch, ImageSource, RejectCounter, Sample, make_loader
 
 log = logging.getLogger(__name__)
 

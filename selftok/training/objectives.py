@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selftok.flow import shift_time
-from selftok.latents import PixelLatents
-from selftok.shape_net import shape_distance
+from selftok.model.flow import shift_time
+from selftok.model.latents import PixelLatents
+from selftok.model.schedule import visible_mask
+from selftok.training.shape_net import shape_distance
 
 #: Shifted-time buckets of the logged stage-1 loss (official ``loss_small`` / ``loss_mid`` / ``loss_large``).
 T_BUCKETS = (("small", 0.0, 0.35), ("mid", 0.35, 0.7), ("large", 0.7, 1.0))
@@ -56,7 +57,7 @@ def draw_flow_batch(last_visible_fn, latent_shape: tuple[int, ...], K: int, gene
     t_model = shift_time(t, shift)
     noise = torch.randn(latent_shape, generator=generator)
     dropped = torch.rand(B, generator=generator) < condition_dropout
-    visible = torch.arange(K)[None, :] <= last_visible_fn(t)[:, None]
+    visible = visible_mask(last_visible_fn(t), K)
     return FlowBatch(t, t_model, noise, visible & ~dropped[:, None], dropped)
 
 

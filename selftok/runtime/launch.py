@@ -1,0 +1,45 @@
+"""The one accelerator factory of the stack (selftok.train, vlm.train and rl.train build theirs here).
+
+On machines without CUDA a multi-process launch needs the gloo backend named explicitly, and FSDP is refused
+(accelerate only turns GPU process groups into FSDP). ``cpu=True`` keeps torchrun/DDP copies synchronised on
+CPU but silently turns DeepSpeed off, so it is passed only when no DeepSpeed launch is asked for.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+
+
+def launched_with(name: str) -> bool:
+    """Whether `accelerate launch` asked for ``DEEPSPEED`` / ``FSDP`` (its ``ACCELERATE_USE_*`` variables)."""
+    return os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true"
+
+
+def make_accelerator(run_dir: Path, mixed_precision: str = "no", gradient_accumulation_steps: int = 1,
+                     log_with: str | None = "tensorboard", logging_dir: Path | None = None, compile: bool = False,
+                     force_cpu: bool = False, handlers: list | None = None) -> Accelerator:
+    """An `Accelerator` for a run writing into `run_dir` (TensorBoard logs in `logging_dir`, default run_dir/tb).
+
+    `mixed_precision`: accelerate's name ("no" | "bf16" | "fp16"); `force_cpu`: run on the CPU even where CUDA
+    is available; `handlers`: extra kwargs handlers. Refuses a multi-process launch that accelerate would run
+    as unsynchronised single processes."""
+    cuda = torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched_with("FSDP") and not cuda:
+        raise RuntimeError("FSDP through accelerate needs CUDA devices (accelerate only turns GPU process groups "
+                           "into FSDP); on CPU use configs/accelerate/ddp.yaml, zero2.yaml or zero3.yaml")
+    handlers = list(handlers or []) + ([InitProcessGroupKwargs(backend="gloo")] if world > 1 and not cuda else [])
+    accelerator = Accelerator(
+        cpu=(force_cpu or not cuda) and not launched_with("DEEPSPEED"), mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps, log_with=log_with,
+        dynamo_backend="inductor" if compile else "no",
+        project_config=ProjectConfiguration(project_dir=str(run_dir),
+                                            logging_dir=str(logging_dir or Path(run_dir) / "tb")),
+        kwargs_handlers=handlers)
+    if world > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise RuntimeError(f"launched with {world} processes but accelerate would run them unsynchronised")
+    return accelerator

@@ -1,0 +1,59 @@
+"""The one accelerator factory (selftok.runtime.launch), used by the three training recipes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rl.train
+import selftok.train
+import vlm.train
+from selftok.runtime import launch
+
+
+class Recorder:
+    """Stands in for accelerate's Accelerator and records what it was asked for."""
+
+    calls: list[dict] = []
+
+    def __init__(self, **kwargs):
+        Recorder.calls.append(kwargs)
+        self.distributed_type = launch.DistributedType.DEEPSPEED
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    Recorder.calls = []
+    monkeypatch.setattr(launch, "Accelerator", Recorder)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return Recorder
+
+
+def test_the_recipes_share_one_factory():
+    assert rl.train.make_accelerator is vlm.train.make_accelerator is selftok.train.make_accelerator \
+        is launch.make_accelerator
+
+
+@pytest.mark.parametrize("force_cpu", [False, True])
+def test_deepspeed_launches_on_cpu_are_not_turned_off(recorder, monkeypatch, tmp_path, force_cpu):
+    # rl.train used to pass cpu=not cuda, which silently turns DeepSpeed off on a CPU machine
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    launch.make_accelerator(tmp_path, "no", force_cpu=force_cpu)
+    (call,) = recorder.calls
+    assert call["cpu"] is False
+    assert any(getattr(h, "backend", None) == "gloo" for h in call["kwargs_handlers"])
+
+
+def test_plain_cpu_runs_ask_for_the_cpu(recorder, monkeypatch, tmp_path):
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    launch.make_accelerator(tmp_path, "bf16", 4)
+    (call,) = recorder.calls
+    assert call["cpu"] is True and call["mixed_precision"] == "bf16" and call["gradient_accumulation_steps"] == 4
+    assert call["kwargs_handlers"] == []
+
+
+def test_fsdp_needs_cuda(recorder, monkeypatch, tmp_path):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RuntimeError, match="FSDP"):
+        launch.make_accelerator(tmp_path)
