@@ -17,7 +17,7 @@ import torch
 from selftok.runtime.cli import entry_point, setup_logging
 from selftok.runtime.config import to_dict
 from vlm.evaluation import evaluate_shapes
-from vlm.pipeline import load_pipeline, write_captions, write_t2i
+from vlm.pipeline import Pipeline, load_pipeline, write_captions, write_t2i
 from vlm.sampling import SamplingPolicy
 
 
@@ -53,14 +53,34 @@ def _add_policy_args(p: argparse.ArgumentParser, text: bool) -> None:
     g.add_argument("--vocabulary", default=d.vocabulary, choices=["visual", "text", "all"])
 
 
-def _policy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SamplingPolicy:
-    try:
-        return SamplingPolicy(cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule,
-                              cfg_scale_end=args.cfg_scale_end, negative_prompt=args.negative_prompt,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              vocabulary=args.vocabulary)
-    except ValueError as e:
-        parser.error(str(e))
+def check_settings(args: argparse.Namespace) -> SamplingPolicy:
+    """A verb's settings → its sampling policy; ValueError with the message the command line prints (the
+    playground, `vlm.playground`, shows the same messages)."""
+    policy = SamplingPolicy(cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule,
+                            cfg_scale_end=args.cfg_scale_end, negative_prompt=args.negative_prompt,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            vocabulary=args.vocabulary)
+    text = args.verb == "caption"
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if text and (policy.guided or policy.vocabulary == "visual"):
+        raise ValueError("captions need --cfg-scale 1 and --vocabulary text (or all)")
+    if not text and policy.vocabulary == "text":
+        raise ValueError("images need --vocabulary visual (or all)")
+    if not text and (args.n_per_prompt < 1 or (args.decoder == "diffusion" and args.steps < 1)):
+        raise ValueError("--n-per-prompt and --steps must be >= 1")
+    return policy
+
+
+def settings_record(args: argparse.Namespace, pipe: Pipeline, policy: SamplingPolicy) -> dict[str, Any]:
+    """The settings part of a verb's JSON record (generation.json, captions.json, summary.json)."""
+    record = {"model": str(Path(args.model).resolve()), "tokenizer": str(Path(args.tokenizer).resolve()),
+              "vocab": pipe.vocab.to_dict(), "tokenizer_config": to_dict(pipe.image_tokenizer.cfg),
+              "sampling": to_dict(policy), "seed": args.seed, "batch_size": args.batch_size, "dtype": args.dtype,
+              "device": args.device}
+    if args.verb != "caption":
+        record.update(decoder=args.decoder, steps=args.steps if args.decoder == "diffusion" else None)
+    return record
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,40 +123,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging()
-    text = args.verb == "caption"
-    policy = _policy(args, parser)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if text and (policy.guided or policy.vocabulary == "visual"):
-        parser.error("captions need --cfg-scale 1 and --vocabulary text (or all)")
-    if not text and policy.vocabulary == "text":
-        parser.error("images need --vocabulary visual (or all)")
-    if not text and (args.n_per_prompt < 1 or (args.decoder == "diffusion" and args.steps < 1)):
-        parser.error("--n-per-prompt and --steps must be >= 1")
+    try:
+        policy = check_settings(args)
+    except ValueError as e:
+        parser.error(str(e))
     pipe = load_pipeline(args.model, args.tokenizer, args.device, args.vae, args.attn)
-    record = {"model": str(Path(args.model).resolve()), "tokenizer": str(Path(args.tokenizer).resolve()),
-              "vocab": pipe.vocab.to_dict(), "tokenizer_config": to_dict(pipe.image_tokenizer.cfg),
-              "sampling": to_dict(policy), "seed": args.seed, "batch_size": args.batch_size, "dtype": args.dtype,
-              "device": args.device}
-    with _autocast(args.device, args.dtype):
+    record = settings_record(args, pipe, policy)
+    with autocast(args.device, args.dtype):
         if args.verb == "t2i":
             rows = [{"prompt": args.prompt}] if args.prompt is not None else read_prompts(args.prompts)
             if not rows:
                 parser.error(f"{args.prompts}: no prompts")
-            record.update(decoder=args.decoder, steps=args.steps if args.decoder == "diffusion" else None)
             write_t2i(pipe, rows, policy, args.n_per_prompt, Path(args.out), record, args.decoder,
                       args.steps, args.batch_size, args.seed)
         elif args.verb == "caption":
             write_captions(pipe, Path(args.images), policy, Path(args.out), record, args.question,
                            args.max_new_tokens, args.batch_size, args.seed)
         else:
-            record.update(decoder=args.decoder, steps=args.steps if args.decoder == "diffusion" else None)
             evaluate_shapes(pipe, policy, Path(args.out), record, args.n_per_prompt, args.n_captions,
                             args.decoder, args.steps, args.batch_size, args.max_new_tokens)
     return 0
 
 
-def _autocast(device: str, dtype: str):
+def autocast(device: str, dtype: str):
+    """The --dtype autocast context (bf16) or none (fp32)."""
     kind = torch.device(device).type
     return torch.autocast(kind, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
 

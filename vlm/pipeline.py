@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from selftok.model.tokenizer import SelftokTokenizer
 from selftok.runtime.grid import image_grid, pil_to_tensor, to_pil_images
 from selftok.runtime.io import IMAGE_SUFFIXES, write_atomic
-from vlm.sampler import device_of, generate_images, generate_text, image_seed
+from vlm.sampler import ImageTokens, device_of, generate_images, generate_text, image_seed
 from vlm.sampling import SamplingPolicy
 from vlm.vocab import Vocabulary, VocabularyError, tokenizer_fingerprint
 
@@ -81,11 +81,22 @@ def write_t2i(pipe: Pipeline, rows: list[dict[str, Any]], policy: SamplingPolicy
               base_seed: int = 0, seeds: list[int] | None = None) -> dict[str, Any]:
     """Generate `n_per_prompt` images per row → out/images/*.png + metadata.jsonl (an imagefolder that
     `python -m selftok.shapes evaluate --images out/images` scores), out/grid.png, out/generation.json."""
-    jobs = [(i, j) for i in range(len(rows)) for j in range(n_per_prompt)]
-    captions = [rows[i]["prompt"] for i, _ in jobs]
-    seeds = seeds or [image_seed(base_seed, rows[i]["prompt"], j) for i, j in jobs]
+    captions = [row["prompt"] for row in rows for _ in range(n_per_prompt)]
+    seeds = seeds or t2i_seeds(rows, n_per_prompt, base_seed)
     tokens, images = generate_images(pipe.model, pipe.vocab, pipe.text_tokenizer, pipe.image_tokenizer, captions,
                                      policy, seeds, decoder, steps, batch_size, progress=True)
+    return save_t2i(out, rows, n_per_prompt, seeds, tokens, images, record)
+
+
+def t2i_seeds(rows: list[dict[str, Any]], n_per_prompt: int, base_seed: int = 0) -> list[int]:
+    """The seed of each image `write_t2i` generates, prompt-major."""
+    return [image_seed(base_seed, row["prompt"], j) for row in rows for j in range(n_per_prompt)]
+
+
+def save_t2i(out: Path, rows: list[dict[str, Any]], n_per_prompt: int, seeds: list[int], tokens: ImageTokens,
+             images: torch.Tensor, record: dict[str, Any]) -> dict[str, Any]:
+    """Write generated images (prompt-major, `n_per_prompt` per row) and their record as `write_t2i` does."""
+    jobs = [(i, j) for i in range(len(rows)) for j in range(n_per_prompt)]
     pil = to_pil_images(images)
     (out / "images").mkdir(parents=True, exist_ok=True)
     meta, entries = [], []
