@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_console_scripts_point_at_process_entry_points():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert len(scripts) == 7
+    assert len(scripts) == 8
     for name, target in scripts.items():
         module, attr = target.split(":")
         assert attr == "cli", f"{name} -> {target}: console scripts call `cli`, which exits with main's status"
