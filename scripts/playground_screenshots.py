@@ -54,7 +54,8 @@ def shoot(driver: webdriver.Chrome, url: str, out: Path, image: Path) -> None:
     time.sleep(1)
     driver.save_screenshot(str(out / "playground_i2t.png"))
     driver.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Reconstruct')]").click()
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#rec-upload input[type=file]")).send_keys(str(image))
+    upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#rec-upload input[type=file]"))
+    upload.send_keys(str(image))
     wait.until(lambda d: image.stem in d.find_element(By.ID, "rec-upload").get_attribute("textContent"))
     driver.find_element(By.ID, "rec-run").click()
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rec-gallery img")) >= 3)
@@ -68,7 +69,8 @@ def main() -> int:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", default="docs")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--every", type=int, default=None, help="preview interval for the timings (default: the page's, K // 4)")
+    p.add_argument("--every", type=int, default=None,
+                   help="preview interval for the timings (default: the page's, K // 4)")
     args = p.parse_args()
     pg = Playground(args.model, args.tokenizer)
     app = build_app(pg)
@@ -96,11 +98,12 @@ def timings_with(url: str, repeats: int, every: int) -> tuple[float, float]:
     client = Client(url, verbose=False)
     first, total = [], []
     for seed in range(repeats):
-        status = client.predict(PROMPT, 4, seed, 3.0, "constant", None, "", 1.0, 0, 1.0, "renderer", 50, every,
-                                api_name="/t2i")[-1]
+        settings = (PROMPT, 4, seed, 3.0, "constant", None, "", 1.0, 0, 1.0, "renderer", 50, every)
+        status = client.predict(*settings, api_name="/t2i")[-1]
         parts = status.split(" · ")
         total.append(float(parts[0].split(" in ")[1].rstrip(" s")))
-        first.append(float(parts[1].split(" after ")[1].rstrip(" s")) if "after" in parts[1] else float("nan"))
+        has_preview = "after" in parts[1]
+        first.append(float(parts[1].split(" after ")[1].rstrip(" s")) if has_preview else float("nan"))
     return statistics.median(first), statistics.median(total)
 
 

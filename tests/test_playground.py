@@ -1,9 +1,9 @@
 """The browser playground (vlm.playground), served on 127.0.0.1 with tiny random models built here.
 
-One test drives the page in headless Chromium (Debian's chromium + chromium-driver, through selenium): prompt →
-previews → images, and a bad upload → a message in the page while the server keeps serving. The other goes
-through gradio_client: the page's generation is `vlm.generate t2i`'s (same token ids, same JSON record, same
-PNGs), and bad settings / a mismatched model pair come back as messages.
+One test drives the page in headless Chromium (Debian's chromium + chromium-driver, through selenium):
+prompt → previews → images, and a bad upload → a message in the page while the server keeps serving. The
+other goes through gradio_client: the page's generation is `vlm.generate t2i`'s (same token ids, same JSON
+record, same PNGs), and bad settings / a mismatched model pair come back as messages.
 
 Off CI, the tests skip (with the reason) when gradio, selenium or chromium is missing; with CI set they fail.
 """
@@ -23,8 +23,8 @@ from vlm_testutil import free_port
 
 MISSING = [m for m in ("gradio", "gradio_client", "selenium") if importlib.util.find_spec(m) is None]
 CHROMIUM = shutil.which("chromium")
-CHROMEDRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists()
-                                                else None)
+DEBIAN_DRIVER = "/usr/bin/chromedriver"
+CHROMEDRIVER = shutil.which("chromedriver") or (DEBIAN_DRIVER if Path(DEBIAN_DRIVER).exists() else None)
 
 
 def require(what: list[str], how: str) -> None:
@@ -155,8 +155,8 @@ def test_the_page_generates_what_vlm_generate_t2i_generates(url, pair, tmp_path)
 
     # the same token ids as the library call with the CLI's seeds and default autocast
     pipe = load_pipeline(*pair)
-    policy = SamplingPolicy(cfg_scale=2.5, cfg_schedule="linear", cfg_scale_end=1.0, temperature=0.9, top_k=30,
-                            top_p=0.95)
+    policy = SamplingPolicy(cfg_scale=2.5, cfg_schedule="linear", cfg_scale_end=1.0, temperature=0.9,
+                            top_k=30, top_p=0.95)
     with autocast("cpu", "bf16"):
         tokens = generate_image_tokens(pipe.model, pipe.vocab, pipe.text_tokenizer, [PROMPT] * 3, policy,
                                        t2i_seeds([{"prompt": PROMPT}], 3, 7))

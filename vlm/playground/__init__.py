@@ -1,4 +1,4 @@
-"""A browser playground for a trained VLM + Selftok tokenizer pair (Gradio; ``pip install -e ".[playground]"``).
+"""A browser playground for a VLM + Selftok tokenizer pair (Gradio: ``pip install -e ".[playground]"``).
 
     python -m vlm.playground --model runs/demo/rl/final --tokenizer runs/demo/tokenizer/model
 

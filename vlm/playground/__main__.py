@@ -16,7 +16,7 @@ DEMO_TOKENIZER = DEMO / "tokenizer" / "model"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vlm.playground",
-                                description="Serve the browser playground for a VLM + Selftok tokenizer pair.")
+                                description="Serve the browser playground for a VLM + tokenizer pair.")
     p.add_argument("--model", default=None,
                    help=f"VLM folder (default: the demo's, {DEMO_MODELS[0]} or else {DEMO_MODELS[1]})")
     p.add_argument("--tokenizer", default=None, help=f"Selftok tokenizer folder (default: {DEMO_TOKENIZER})")
@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None, help="local SD3 VAE folder, for tokenizers in VAE latent space")
     p.add_argument("--attn", default=None, choices=["eager", "sdpa"], help="attention implementation")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 is fastest for small models on a busy machine)")
-    p.add_argument("--out", default=None, help="folder for each generation's outputs (default: a temp folder)")
+                   help="torch CPU threads (default: torch's; 1 is fastest for small models, busy machines)")
+    p.add_argument("--out", default=None, help="folder for each generation's outputs (default: a temp one)")
     return p
 
 
@@ -42,8 +42,9 @@ def default_pair(model: str | None, tokenizer: str | None) -> tuple[Path, Path] 
     if model and tokenizer:
         return f"no such folder: {', '.join(missing)}"
     return (f"no trained model to serve: {', '.join(missing)} not found. Run the demo first "
-            "(`scripts/demo.sh`, about 40 minutes on a 2-core CPU; `scripts/demo.sh --smoke` trains a tiny one "
-            "in ~3 minutes under runs/demo-smoke), from the repository root, or pass --model and --tokenizer.")
+            "(`scripts/demo.sh`, about 40 minutes on a 2-core CPU; `scripts/demo.sh --smoke` trains a tiny "
+            "one in ~3 minutes under runs/demo-smoke) from the repository root, or pass --model and "
+            "--tokenizer.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,10 +50,11 @@ from vlm.sampling import SamplingPolicy
 from vlm.vocab import ar_to_encoder_order
 
 log = logging.getLogger(__name__)
+ONE_AT_A_TIME = {"concurrency_id": "model", "concurrency_limit": 1}  # every model call shares one queue
 MAX_IMAGES = 16  # one sampler batch (the CLI's default --batch-size): previews follow a single batch
-PREVIEW_NOTE = ("**Preview after {n}/{K} tokens**: the {n} sampled tokens, the other {rest} filled in greedily "
-                "(most likely token, same prompt and guidance), rendered by the one-step renderer — an estimate "
-                "of where sampling is heading, not the final image.")
+PREVIEW_NOTE = ("**Preview after {n}/{K} tokens**: the {n} sampled tokens, the other {rest} filled in "
+                "greedily (most likely token, same prompt and guidance), rendered by the one-step renderer "
+                "— an estimate of where sampling is heading, not the final image.")
 
 
 @dataclasses.dataclass
@@ -72,7 +73,8 @@ def page_errors(fn: Callable) -> Callable:
         if isinstance(e, gr.Error):
             return e
         log.exception("playground handler %s failed", fn.__name__)
-        return gr.Error(str(e) if isinstance(e, (ValueError, FileNotFoundError)) else f"{type(e).__name__}: {e}")
+        plain = isinstance(e, (ValueError, FileNotFoundError))  # their messages say what is wrong
+        return gr.Error(str(e) if plain else f"{type(e).__name__}: {e}")
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
@@ -126,9 +128,10 @@ def reproduce_command(args: argparse.Namespace) -> str:
 
 
 class Playground:
-    """The loaded model pair and the page's handlers (one request at a time: the page's queue)."""
+    """The loaded model pair and the page's handlers (one model call at a time: `ONE_AT_A_TIME`)."""
 
-    def __init__(self, model_dir: str | Path, tokenizer_dir: str | Path, settings: ServerSettings | None = None):
+    def __init__(self, model_dir: str | Path, tokenizer_dir: str | Path,
+                 settings: ServerSettings | None = None):
         self.settings = settings or ServerSettings()
         self.out = Path(self.settings.out or tempfile.mkdtemp(prefix="vlm-playground-"))
         self.out.mkdir(parents=True, exist_ok=True)
@@ -144,9 +147,9 @@ class Playground:
 
     def describe(self) -> str:
         tok = self.pipe.image_tokenizer
-        return (f"model `{self.pipe.model_dir}` · tokenizer `{self.pipe.tokenizer_dir}` · K = {self.K} tokens, "
-                f"codebook {tok.codebook_size}, {tok.cfg.image_size} px · {self.settings.device}, "
-                f"{self.settings.dtype}")
+        return (f"model `{self.pipe.model_dir}` · tokenizer `{self.pipe.tokenizer_dir}` · "
+                f"K = {self.K} tokens, codebook {tok.codebook_size}, {tok.cfg.image_size} px · "
+                f"{self.settings.device}, {self.settings.dtype}")
 
     @page_errors
     def load(self, model_dir: str, tokenizer_dir: str) -> str:
@@ -157,14 +160,16 @@ class Playground:
     # ---- text → image ------------------------------------------------------------------------------------
 
     def t2i_args(self, prompt: str, n: float | None, seed: float | None, cfg_scale: float | None,
-                 cfg_schedule: str, cfg_scale_end: float | None, negative_prompt: str, temperature: float | None,
-                 top_k: float | None, top_p: float | None, decoder: str, steps: float | None) -> argparse.Namespace:
+                 cfg_schedule: str, cfg_scale_end: float | None, negative_prompt: str,
+                 temperature: float | None, top_k: float | None, top_p: float | None, decoder: str,
+                 steps: float | None) -> argparse.Namespace:
         """The page's settings as the `vlm.generate t2i` arguments (its defaults for what the page lacks)."""
         s = self.settings
         args = build_parser().parse_args(["t2i", "--model", self.pipe.model_dir, "--tokenizer",
                                           self.pipe.tokenizer_dir, "--out", "", f"--prompt={prompt or ''}"])
         fields = {"n_per_prompt": number(n, "images"), "seed": number(seed, "seed"),
-                  "cfg_scale": number(cfg_scale, "cfg scale"), "temperature": number(temperature, "temperature"),
+                  "cfg_scale": number(cfg_scale, "cfg scale"),
+                  "temperature": number(temperature, "temperature"),
                   "top_k": number(top_k, "top-k"), "top_p": number(top_p, "top-p"),
                   "steps": number(steps, "steps")}
         vars(args).update({k: int(v) if k in ("n_per_prompt", "seed", "top_k", "steps") else float(v)
@@ -201,9 +206,10 @@ class Playground:
             events.put(("error", e))
 
     @page_errors
-    def t2i(self, prompt: str, n: float | None, seed: float | None, cfg_scale: float | None, cfg_schedule: str,
-            cfg_scale_end: float | None, negative_prompt: str, temperature: float | None, top_k: float | None,
-            top_p: float | None, decoder: str, steps: float | None, every: float | None) -> Iterator[tuple]:
+    def t2i(self, prompt: str, n: float | None, seed: float | None, cfg_scale: float | None,
+            cfg_schedule: str, cfg_scale_end: float | None, negative_prompt: str, temperature: float | None,
+            top_k: float | None, top_p: float | None, decoder: str, steps: float | None,
+            every: float | None) -> Iterator[tuple]:
         """Yields (preview, preview note, images, record, record file, command, token ids, status)."""
         args = self.t2i_args(prompt, n, seed, cfg_scale, cfg_schedule, cfg_scale_end, negative_prompt,
                              temperature, top_k, top_p, decoder, steps)
@@ -221,9 +227,11 @@ class Playground:
         start, first = time.perf_counter(), None
         what = "unconditional (empty prompt)" if not args.prompt.strip() else f"“{args.prompt}”"
         skip = [gr.skip()] * 6
-        yield None, f"sampling {args.n_per_prompt} × {self.K} tokens for {what} …", [], None, None, "", None, ""
+        started = f"sampling {args.n_per_prompt} × {self.K} tokens for {what} …"
+        yield None, started, [], None, None, "", None, ""
+        captions = [args.prompt] * args.n_per_prompt
         threading.Thread(target=self._sample, daemon=True,
-                         args=(pipe, args, policy, [args.prompt] * args.n_per_prompt, seeds, every, events)).start()
+                         args=(pipe, args, policy, captions, seeds, every, events)).start()
         while True:
             kind, value = events.get()
             if kind == "error":
@@ -232,8 +240,8 @@ class Playground:
                 break
             first = first or time.perf_counter() - start
             n_tok, images = value
-            yield (enlarge(image_grid(to_pil_images(images)), 512), PREVIEW_NOTE.format(n=n_tok, K=self.K, rest=self.K - n_tok),
-                   *skip)
+            note = PREVIEW_NOTE.format(n=n_tok, K=self.K, rest=self.K - n_tok)
+            yield (enlarge(image_grid(to_pil_images(images)), 512), note, *skip)
         tokens, images = value
         record = save_t2i(Path(args.out), rows, args.n_per_prompt, seeds, tokens, images,
                           settings_record(args, pipe, policy))
@@ -276,7 +284,7 @@ class Playground:
         if example is not None:
             verdict = {"scene": example.id, "true caption": example.caption}
             verdict.update(caption_verdict(text, example) if not question.strip()
-                           else {"note": "the evaluator judges captions; clear the question to get a verdict"})
+                           else {"note": "the evaluator judges captions: clear the question for a verdict"})
         return enlarge(image), text, verdict
 
     # ---- reconstruct -------------------------------------------------------------------------------------
@@ -306,8 +314,8 @@ class Playground:
             prompt = [pipe.vocab.uncond_prompt()]
             for k in self.prefix_lengths():
                 with autocast(self.settings.device, self.settings.dtype):
-                    ids = complete_greedily(pipe.model, pipe.vocab, prompt, prompt,
-                                            pipe.vocab.codes_to_ids(ar[:, :k]).to(_device(pipe.model)), policy)
+                    prefix = pipe.vocab.codes_to_ids(ar[:, :k]).to(_device(pipe.model))
+                    ids = complete_greedily(pipe.model, pipe.vocab, prompt, prompt, prefix, policy)
                 image = decode_codes(tok, ar_to_encoder_order(pipe.vocab.ids_to_codes(ids)).to(_device(tok)))
                 value = round(psnr_8bit(image.cpu(), x.cpu())[0], 2)
                 psnr[f"renderer, first {k} tokens + greedy completion"] = value
@@ -329,7 +337,7 @@ def build_app(pg: Playground) -> gr.Blocks:
             with gr.Row():
                 model_dir = gr.Textbox(pg.pipe.model_dir, label="VLM folder")
                 tok_dir = gr.Textbox(pg.pipe.tokenizer_dir, label="Selftok tokenizer folder")
-            gr.Button("Load").click(pg.load, [model_dir, tok_dir], model_status)
+            gr.Button("Load").click(pg.load, [model_dir, tok_dir], model_status, **ONE_AT_A_TIME)
         with gr.Tab("Text → image"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -360,7 +368,8 @@ def build_app(pg: Playground) -> gr.Blocks:
                     preview_note = gr.Markdown(elem_id="t2i-preview-note")
                     gallery = gr.Gallery(label="Images", elem_id="t2i-gallery", columns=4, height="auto")
                     status = gr.Markdown(elem_id="t2i-status")
-                    command = gr.Textbox(label="The same generation from the command line", elem_id="t2i-command")
+                    command = gr.Textbox(label="The same generation from the command line",
+                                         elem_id="t2i-command")
                     record_file = gr.File(label="generation.json (the record vlm.generate t2i writes)")
                     with gr.Accordion("Settings record and token ids", open=False):
                         record = gr.JSON(label="generation.json")
@@ -368,8 +377,8 @@ def build_app(pg: Playground) -> gr.Blocks:
             inputs = [prompt, n, seed, cfg_scale, cfg_schedule, cfg_end, negative, temperature, top_k, top_p,
                       decoder, steps, every]
             outputs = [preview, preview_note, gallery, record, record_file, command, ids, status]
-            run.click(pg.t2i, inputs, outputs, api_name="t2i")
-            prompt.submit(pg.t2i, inputs, outputs, api_visibility="private")
+            run.click(pg.t2i, inputs, outputs, api_name="t2i", **ONE_AT_A_TIME)
+            prompt.submit(pg.t2i, inputs, outputs, api_visibility="private", **ONE_AT_A_TIME)
         with gr.Tab("Image → text"):
             with gr.Row():
                 with gr.Column():
@@ -385,7 +394,8 @@ def build_app(pg: Playground) -> gr.Blocks:
                     answer = gr.Textbox(label="Caption / answer", elem_id="i2t-answer")
                     verdict = gr.JSON(label="Shapes evaluator's verdict")
             upload.upload(lambda: "upload", None, source, api_visibility="private")
-            ask.click(pg.i2t, [source, scene, upload, question, max_new], [shown, answer, verdict], api_name="i2t")
+            ask.click(pg.i2t, [source, scene, upload, question, max_new], [shown, answer, verdict],
+                      api_name="i2t", **ONE_AT_A_TIME)
         with gr.Tab("Reconstruct"):
             with gr.Row():
                 with gr.Column():
@@ -401,5 +411,5 @@ def build_app(pg: Playground) -> gr.Blocks:
                                        elem_id="rec-gallery", height="auto")
                     psnr = gr.JSON(label="PSNR (dB, 8-bit)")
             go.click(pg.reconstruct, [image_file, rec_steps, rec_seed], [original, token_text, recon, psnr],
-                     api_name="reconstruct")
-    return app.queue(default_concurrency_limit=1)
+                     api_name="reconstruct", **ONE_AT_A_TIME)
+    return app.queue()

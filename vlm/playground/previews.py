@@ -56,9 +56,9 @@ def complete_greedily(model: torch.nn.Module, vocab: Vocabulary, prompts: list[l
 class PreviewTap(torch.nn.Module):
     """The VLM, unchanged, that reports the sampler's progress.
 
-    `vlm.generate.sample_tokens` feeds each sampled token back through the model with its KV cache (``cache=``);
-    those calls' first B rows (B = cond rows; the uncond rows repeat them) are the tokens sampled so far.
-    After every `every`-th one, ``on_prefix(prefix)`` is called with the (B, n) ids sampled so far."""
+    `vlm.generate.sample_tokens` feeds each sampled token back through the model with its KV cache
+    (``cache=``); those calls' first B rows (B = cond rows; the uncond rows repeat them) are the tokens
+    sampled so far. After every `every`-th one, ``on_prefix(prefix)`` gets the (B, n) ids sampled so far."""
 
     def __init__(self, model: torch.nn.Module, guided: bool, every: int, on_prefix: Callable[[Tensor], None]):
         super().__init__()
