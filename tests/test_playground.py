@@ -143,7 +143,9 @@ def test_the_page_generates_what_vlm_generate_t2i_generates(url, pair, tmp_path)
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    from vlm.generate import autocast, generate_image_tokens, load_pipeline, main, t2i_seeds
+    from vlm.generate import autocast, main
+    from vlm.pipeline import load_pipeline, t2i_seeds
+    from vlm.sampler import generate_image_tokens
     from vlm.sampling import SamplingPolicy
 
     client = Client(url, verbose=False)
@@ -185,8 +187,8 @@ def test_the_page_generates_what_vlm_generate_t2i_generates(url, pair, tmp_path)
         client.predict(*{**T2I_SETTINGS, "n": 17}.values(), api_name="/t2i")
 
     # a model pair that disagrees is refused, and the page keeps serving the loaded pair
-    from selftok.presets import get_preset
-    from selftok.tokenizer import SelftokTokenizer
+    from selftok.model.presets import get_preset
+    from selftok.model.tokenizer import SelftokTokenizer
     other = get_preset("tiny")
     other.quantizer.codebook_size = 32
     SelftokTokenizer(other).save_pretrained(tmp_path / "tok32")

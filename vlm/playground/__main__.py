@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from selftok.cli import entry_point, setup_logging
+from selftok.runtime.cli import entry_point, setup_logging
 
 log = logging.getLogger("vlm.playground")
 DEMO = Path("runs/demo")

@@ -25,24 +25,19 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from selftok.grid import image_grid, pil_to_tensor, to_pil_images
-from selftok.reconstruct import decoders_to_run, load_image, psnr_8bit
+from selftok.reconstruct import decoders_to_run, load_image
+from selftok.runtime.grid import image_grid, pil_to_tensor, to_pil_images
 from selftok.shapes import make_example
+from selftok.training import metrics
 from vlm.evaluation import caption_verdict
-from vlm.generate import (
-    Pipeline,
-    autocast,
-    build_parser,
-    check_settings,
+from vlm.generate import autocast, build_parser, check_settings, settings_record
+from vlm.pipeline import Pipeline, load_pipeline, save_t2i, t2i_seeds
+from vlm.sampler import (
     decode_codes,
     generate_images,
     generate_text,
-    load_pipeline,
     max_prompt_tokens,
-    save_t2i,
-    settings_record,
     t2i_prompt_ids,
-    t2i_seeds,
     uncond_prompt_ids,
 )
 from vlm.playground.previews import PreviewTap, complete_greedily
@@ -307,7 +302,8 @@ class Playground:
         gallery, psnr = [], {}
         for name in decoders_to_run(tok, "auto"):
             image = decode_codes(tok, codes, name, steps, [seed])
-            value = psnr[f"{name}, all {self.K} tokens"] = round(psnr_8bit(image.cpu(), x.cpu())[0], 2)
+            value = round(float(metrics.psnr(image.cpu(), x.cpu())[0]), 2)
+            psnr[f"{name}, all {self.K} tokens"] = value
             gallery.append((to_pil_images(image)[0], f"{name}: {value:.2f} dB"))
         if tok.renderer is not None:
             policy = SamplingPolicy(cfg_scale=1.0)  # no caption: the unconditional prompt
@@ -317,7 +313,7 @@ class Playground:
                     prefix = pipe.vocab.codes_to_ids(ar[:, :k]).to(_device(pipe.model))
                     ids = complete_greedily(pipe.model, pipe.vocab, prompt, prompt, prefix, policy)
                 image = decode_codes(tok, ar_to_encoder_order(pipe.vocab.ids_to_codes(ids)).to(_device(tok)))
-                value = round(psnr_8bit(image.cpu(), x.cpu())[0], 2)
+                value = round(float(metrics.psnr(image.cpu(), x.cpu())[0]), 2)
                 psnr[f"renderer, first {k} tokens + greedy completion"] = value
                 gallery.append((to_pil_images(image)[0], f"first {k}/{self.K} + greedy: {value:.2f} dB"))
         return enlarge(to_pil_images(x)[0]), " ".join(map(str, ar[0].tolist())), gallery, psnr

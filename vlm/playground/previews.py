@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vlm.generate import left_pad, position_ids
+from vlm.sampler import left_pad, position_ids
 from vlm.sampling import SamplingPolicy, policy_logprobs
 from vlm.vocab import Vocabulary
 
