@@ -39,7 +39,6 @@ from selftok.train import (
     step_generator,
     uses_math_attention,
 )
-from selftok.training import objectives
 
 ROOT = Path(__file__).resolve().parents[1]
 
