@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokenizer", default=None, help="trained Selftok tokenizer folder (default: random weights)")
     p.add_argument("--tokenizer-config", default=str(ROOT / "configs" / "tokenizer_shapes.yaml"),
                    help="training config whose model section is timed with random weights")
-    p.add_argument("--tokenizer-preset", default=None, help="a selftok.model.presets name instead of --tokenizer-config")
+    p.add_argument("--tokenizer-preset", default=None,
+                   help="a selftok.model.presets name instead of --tokenizer-config")
     p.add_argument("--decoder-steps", type=int, default=50, help="diffusion decoder steps to time (0: skip)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))

@@ -78,7 +78,8 @@ def test_decide_reuse_redo_resume(tmp_path):
     assert runner.decide(stage, fp, records, out, False, None).action == "resume"
     assert runner.decide(stage, "other", records, out, False, None).action == "redo"
     runner.write_json(records / "s.started.json", {**started, "failed": "exit status 1"})
-    assert runner.decide(stage, fp, records, out, False, None).reason == "its last attempt failed; starting it from scratch"
+    decision = runner.decide(stage, fp, records, out, False, None)
+    assert decision.reason == "its last attempt failed; starting it from scratch"
     (records / "s.started.json").unlink()
     finish(out, stage, fp)
     assert runner.decide(stage, fp, records, out, False, None).action == "reuse"
