@@ -57,3 +57,16 @@ def test_fsdp_needs_cuda(recorder, monkeypatch, tmp_path):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(RuntimeError, match="FSDP"):
         launch.make_accelerator(tmp_path)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned(monkeypatch, caplog):
+    import torch
+
+    from selftok.runtime.launch import warn_emulated_bf16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with caplog.at_level("WARNING", logger="selftok.runtime.launch"):
+        assert warn_emulated_bf16("bf16", torch.device("cpu"))
+    assert "without native bf16" in caplog.text
+    assert not warn_emulated_bf16("no", torch.device("cpu"))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert not warn_emulated_bf16("bf16", torch.device("cpu"))

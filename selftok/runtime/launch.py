@@ -6,12 +6,26 @@ CPU but silently turns DeepSpeed off, so it is passed only when no DeepSpeed lau
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+
+log = logging.getLogger(__name__)
+
+
+def warn_emulated_bf16(mixed_precision: str, device: torch.device) -> bool:
+    """Log a warning (and return True) when bf16 autocast is asked for on a CPU without native bf16 (no
+    AVX-512 BF16 / AMX, e.g. AVX2-only AMD EPYC): there bf16 matmuls are emulated, measured ≈ 50× slower
+    than fp32 (docs/tokenizer_training.md)."""
+    if mixed_precision != "bf16" or device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    log.warning("mixed precision bf16 on a CPU without native bf16 (no AVX-512 BF16/AMX): bf16 matmuls are "
+                "emulated here and run far slower than fp32; set the run's mixed precision to 'no'")
+    return True
 
 
 def launched_with(name: str) -> bool:
@@ -42,4 +56,5 @@ def make_accelerator(run_dir: Path, mixed_precision: str = "no", gradient_accumu
         kwargs_handlers=handlers)
     if world > 1 and accelerator.distributed_type == DistributedType.NO:
         raise RuntimeError(f"launched with {world} processes but accelerate would run them unsynchronised")
+    warn_emulated_bf16(mixed_precision, torch.device("cpu" if force_cpu or not cuda else "cuda"))
     return accelerator
