@@ -258,7 +258,7 @@ class Playground:
             max_new_tokens: float | None) -> tuple[Image.Image, str, dict | None]:
         """Caption the image (or answer `question`); the shapes evaluator's verdict for a held-out scene."""
         pipe, size = self.pipe, self.pipe.image_tokenizer.cfg.image_size
-        example = None
+        example, question = None, question or ""
         if source == "upload":
             with Image.open(checked_image(upload)) as im:
                 image = im.convert("RGB")
