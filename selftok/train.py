@@ -603,6 +603,12 @@ def stage_config(cfg: TrainConfig, name: str) -> Stage0Config | Stage1Config | S
     return getattr(cfg, name)
 
 
+def source_batches(source, n: int, size: int = 256):
+    """The first `n` samples of `source` in order, collated `size` at a time (rejects dropped)."""
+    for i in range(0, n, size):
+        yield collate_samples([source[j] for j in range(i, min(i + size, n))], source.image_size)
+
+
 def build_latent_cache(ctx: Context) -> None:
     """With a frozen learned autoencoder and a source held in memory, encode every training image once
     (stages 1 and 2 then index the cache instead of running the autoencoder each step)."""
@@ -613,8 +619,7 @@ def build_latent_cache(ctx: Context) -> None:
     ctx.tok.latents.eval()
     cache = None
     with torch.no_grad():
-        for i in range(0, len(source), 256):
-            batch = collate_samples([source[j] for j in range(i, min(i + 256, len(source)))], source.image_size)
+        for batch in source_batches(source, len(source)):
             if not len(batch):
                 continue
             z = ctx.tok.latents.encode(batch.to_images(ctx.accelerator.device)).cpu()
@@ -767,8 +772,7 @@ def set_latent_normalisation(ctx: Context) -> None:
     tok.latents.eval()
     raw = []
     with torch.no_grad():
-        for i in range(0, n, 256):
-            batch = collate_samples([source[j] for j in range(i, min(i + 256, n))], source.image_size)
+        for batch in source_batches(source, n):
             raw.append(tok.latents.raw_encode(batch.to_images(ctx.accelerator.device)))
     tok.latents.set_normalisation(torch.cat(raw))
     log.info("stage0: latent normalisation from %d images: mean %s, std %s", n,
@@ -908,8 +912,7 @@ def prepare_shape_net(ctx: Context) -> None:
         build_latent_cache(ctx)
         n = min(cfg.images, len(ctx.source))
         latents, labels = [], []
-        for i in range(0, n, 256):
-            batch = collate_samples([ctx.source[j] for j in range(i, min(i + 256, n))], ctx.source.image_size)
+        for batch in source_batches(ctx.source, n):
             latents.append(batch_latents(ctx, batch, batch.to_images(acc.device)).cpu())
             labels.append(label_maps(batch.meta, cfg.map_size))
         net, metrics = train_shape_net(cfg, torch.cat(latents), torch.cat(labels), ctx.cfg.run.seed)
