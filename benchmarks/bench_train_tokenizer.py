@@ -70,7 +70,7 @@ def make_step(cfg: TrainConfig, tok: SelftokTokenizer, stage: str, device: torch
     B, C, L = scfg.batch_size, cfg.model.latent.channels, cfg.model.latent_size
     latents = torch.randn(B, C, L, L, device=device).clamp(-1, 1)
     images = torch.rand(B, 3, cfg.model.image_size, cfg.model.image_size, device=device)
-    shape_net = (ShapeNet(C, L, cfg.shape_net.width, cfg.shape_net.map_size).to(device).requires_grad_(False)
+    shape_net = (ShapeNet.from_config(cfg.shape_net, C, L).to(device).requires_grad_(False)
                  if cfg.shape_net.steps else None)
     if stage == "stage0":
         module = Stage0Objective(tok, scfg.mse_weight, scfg.l1_weight)

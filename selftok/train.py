@@ -923,7 +923,7 @@ def prepare_shape_net(ctx: Context) -> None:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         replace_dir(tmp, directory)
     acc.wait_for_everyone()
-    net = ShapeNet(tok.cfg.latent.channels, tok.cfg.latent_size, cfg.width, cfg.map_size)
+    net = ShapeNet.from_config(cfg, tok.cfg.latent.channels, tok.cfg.latent_size)
     net.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
     ctx.shape_net = net.eval().requires_grad_(False).to(acc.device)
     ctx.results["shape_net"] = json.loads((directory / "metrics.json").read_text())

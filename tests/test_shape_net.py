@@ -29,9 +29,11 @@ def test_label_maps_from_sample_metadata():
         label_maps([json.dumps({"tag": "x"})], 16)
 
 
-def test_shape_distance_is_zero_on_equal_inputs_and_trains_only_the_prediction():
+@pytest.mark.parametrize("distance", ["features", "logits"])
+def test_shape_distance_is_zero_on_equal_inputs_and_trains_only_the_prediction(distance):
     torch.manual_seed(0)
-    net = ShapeNet(4, 4, width=16, map_size=16).requires_grad_(False)
+    net = ShapeNet(4, 4, width=16, map_size=16, depth=3, distance=distance).requires_grad_(False)
+    assert len(net.blocks) == 3 + 2  # depth convolutions, then two x2 upsampling stages (4 -> 16)
     target = torch.randn(3, 4, 4, 4)
     assert torch.allclose(shape_distance(net, target.clone(), target), torch.zeros(3), atol=1e-6)
     pred = torch.randn(3, 4, 4, 4, requires_grad=True)
@@ -44,8 +46,20 @@ def test_shape_distance_is_zero_on_equal_inputs_and_trains_only_the_prediction()
         ShapeNet(4, 4, map_size=24)
 
 
+def test_logits_distance_is_the_kl_of_the_read_shapes():
+    torch.manual_seed(0)
+    net = ShapeNet(4, 4, width=16, map_size=4, depth=1, distance="logits").requires_grad_(False)
+    pred, target = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    p, q = torch.softmax(net(target), 1), torch.softmax(net(pred), 1)
+    expected = (p * (p.log() - q.log())).sum(1).mean((1, 2))
+    assert torch.allclose(shape_distance(net, pred, target), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="features or logits"):
+        ShapeNetConfig(distance="edges")
+
+
 def test_train_shape_net_learns_the_map_and_is_deterministic():
     # latents that are the label map itself (one-hot, downsampled): the net only has to read it back
+    torch.manual_seed(0)
     labels = torch.randint(0, NUM_CLASSES, (64, 1, 1)).expand(64, 8, 8).clone()
     latents = torch.nn.functional.one_hot(labels[:, ::2, ::2], NUM_CLASSES).permute(0, 3, 1, 2).float()
     cfg = ShapeNetConfig(steps=60, batch_size=16, width=16, map_size=8, images=64)

@@ -6,8 +6,10 @@ so an MSE-trained tokenizer encodes position, size and colour first and shape la
 
 It is trained on the run's own training images (the shapes world's training split, never held-out scenes),
 after stage 0 and on the frozen autoencoder's latents, with the labels of `selftok.shapes.shape_map`.
-Distance (LPIPS form): every tapped feature map is unit-normalised over channels; squared differences are
-averaged over channels and space and summed over taps. (B, C, h, w) pairs → (B,).
+Two distances, (B, C, h, w) pairs → (B,): ``features`` (LPIPS form: every tapped feature map is
+unit-normalised over channels; squared differences are averaged over channels and space and summed over taps)
+and ``logits`` (the KL divergence of the prediction's per-cell shape distribution from the target's, averaged
+over cells: large when the net reads another shape, whatever the pixel area of the difference).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -38,22 +41,31 @@ class ShapeNetConfig:
     batch_size: int = 128
     lr: float = 2e-3
     width: int = 32
+    depth: int = 2
+    """Convolutions at the latent grid (each widens the receptive field by one latent cell per side)."""
     map_size: int = 16
     """Side of the predicted label map (a power-of-two multiple of the latent grid)."""
     images: int = 4096
     """Training images (the first of the run's source) it learns from."""
+    distance: Literal["features", "logits"] = "features"
+    """The renderer term's distance (module docstring)."""
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or self.width < 8 or self.images < 1:
-            raise ValueError("shape_net.steps must be >= 0, batch_size and images >= 1, width >= 8")
+        if self.steps < 0 or self.batch_size < 1 or self.width < 8 or self.images < 1 or self.depth < 1:
+            raise ValueError("shape_net.steps must be >= 0, batch_size, images and depth >= 1, width >= 8")
+        if self.distance not in ("features", "logits"):
+            raise ValueError(f"shape_net.distance must be features or logits, not {self.distance!r}")
 
 
 class ShapeNet(nn.Module):
-    """Latents (B, C, L, L) → per-cell shape logits (B, NUM_CLASSES, M, M): two convolutions at the latent
-    grid, then one ×2 upsampling stage per doubling up to M."""
+    """Latents (B, C, L, L) → per-cell shape logits (B, NUM_CLASSES, M, M): `depth` convolutions at the
+    latent grid, then one ×2 upsampling stage per doubling up to M. `distance` is the kind `shape_distance`
+    computes with it."""
 
-    def __init__(self, channels: int, latent_size: int, width: int = 32, map_size: int = 16):
+    def __init__(self, channels: int, latent_size: int, width: int = 32, map_size: int = 16, depth: int = 2,
+                 distance: str = "features"):
         super().__init__()
+        self.distance = distance
         ups = math.log2(map_size / latent_size)
         if ups < 0 or ups != int(ups):
             raise ValueError(f"shape_net.map_size {map_size} must be a power-of-two multiple of the "
@@ -62,7 +74,7 @@ class ShapeNet(nn.Module):
         def block(cin: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, width, 3, padding=1), nn.GroupNorm(8, width), nn.SiLU())
 
-        self.blocks = nn.ModuleList([block(channels), block(width)])
+        self.blocks = nn.ModuleList([block(channels)] + [block(width) for _ in range(depth - 1)])
         self.blocks.extend(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), block(width))
                            for _ in range(int(ups)))
         self.head = nn.Conv2d(width, NUM_CLASSES, 1)
@@ -76,13 +88,22 @@ class ShapeNet(nn.Module):
         out.append(self.head(x))
         return out
 
+    @classmethod
+    def from_config(cls, cfg: ShapeNetConfig, channels: int, latent_size: int) -> ShapeNet:
+        return cls(channels, latent_size, cfg.width, cfg.map_size, cfg.depth, cfg.distance)
+
     def forward(self, latents: Tensor) -> Tensor:
         return self.taps(latents)[-1]
 
 
 def shape_distance(net: ShapeNet, pred: Tensor, target: Tensor) -> Tensor:
-    """LPIPS-form distance between the shape net's features of `pred` and `target` latents: (B,)."""
+    """The net's distance (``net.distance``, module docstring) of `pred` from `target` latents: (B,)."""
     with torch.autocast(pred.device.type, enabled=False):
+        if net.distance == "logits":
+            with torch.no_grad():
+                ref = F.log_softmax(net(target), dim=1)
+            log_p = F.log_softmax(net(pred), dim=1)
+            return (ref.exp() * (ref - log_p)).sum(1).mean((1, 2))
         with torch.no_grad():
             ref = net.taps(target)
         total = pred.new_zeros(pred.shape[0], dtype=torch.float32)
@@ -114,7 +135,7 @@ def train_shape_net(cfg: ShapeNetConfig, latents: Tensor, labels: Tensor, seed: 
     train_y, val_y = labels[:-n_val], labels[-n_val:]
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = ShapeNet(latents.shape[1], latents.shape[-1], cfg.width, cfg.map_size)
+    net = ShapeNet.from_config(cfg, latents.shape[1], latents.shape[-1])
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
     for step in range(cfg.steps):
         for group in opt.param_groups:
