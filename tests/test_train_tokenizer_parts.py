@@ -2,6 +2,7 @@
 metrics and the perceptual-weights loader."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -19,6 +20,8 @@ from selftok.train import (
     uses_math_attention,
 )
 from selftok.training import objectives
+from selftok.shapes import Scene, ShapeObject, render_scene
+from selftok.training.evaluation import MISSED, shape_accuracy, shape_confusion
 from selftok.training.metrics import psnr, ssim
 from selftok.training.stream import batch_indices
 
@@ -293,3 +296,18 @@ def test_shipped_configs_load_and_build(name):
         assert tok.K == cfg.model.schedule.K
     else:
         assert cfg.model.schedule.K in (512, 1024) and cfg.model.quantizer.codebook_size == 32768
+
+
+def test_shape_confusion_reads_each_object_against_its_true_shape():
+    scene = Scene((ShapeObject("square", "red", 0.25, 0.25, 0.3125), ShapeObject("triangle", "blue", 0.7, 0.7, 0.375),
+                   ShapeObject("circle", "green", 0.25, 0.75, 0.3125)))
+    # the same scene drawn with the square as a circle, and the triangle left out
+    wrong = Scene((ShapeObject("circle", "red", 0.25, 0.25, 0.3125), scene.objects[2]))
+    images = torch.stack([torch.from_numpy(np.asarray(render_scene(s, 64), dtype=np.float32) / 255).permute(2, 0, 1)
+                          for s in (scene, wrong)])
+    table = shape_confusion(images, [scene, scene])
+    assert table["square"] == {**dict.fromkeys(table["square"], 0), "square": 1, "circle": 1}
+    assert table["triangle"]["triangle"] == 1 and table["triangle"][MISSED] == 1
+    assert table["circle"]["circle"] == 2
+    assert shape_accuracy(table) == pytest.approx(4 / 6)
+    assert shape_confusion(images, [None, None])["circle"]["circle"] == 0

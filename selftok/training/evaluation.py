@@ -3,7 +3,8 @@
 For each held-out image: tokenize, reconstruct with the diffusion decoder (`decoder_steps` Euler steps, fixed
 noise seed) or the renderer, then measure PSNR (8-bit, as the official evaluator) and SSIM; on the shapes
 world also **attribute preservation** — the shapes evaluator judges the reconstruction against its own
-scene's full spec (every object's shape, colour, count and robust relative position); optional LPIPS when
+scene's full spec (every object's shape, colour, count and robust relative position) — and **per-object shape
+accuracy** with its confusion table (each true object against the detection nearest its centre); optional LPIPS when
 local weights are given. Codebook health on held-out data: codes used (fraction of the codebook),
 perplexity of the code histogram, and the mean per-position perplexity (a collapsed position has ≈ 1).
 Writes ``<stage>_step<N>.json`` and a PNG grid (rows of original | reconstruction pairs). The tokenizer is
@@ -27,7 +28,7 @@ from selftok.data.images import TransformConfig
 from selftok.data.sources import DataConfig, ImageSource, ShapesSourceConfig, collate_samples
 from selftok.model.tokenizer import SelftokTokenizer
 from selftok.runtime.grid import save_grid, to_pil_images
-from selftok.shapes import evaluate_image
+from selftok.shapes import SHAPES, Scene, detect_objects, evaluate_image
 from selftok.training.metrics import psnr, ssim
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class HeldOut:
         self.pixels = batch.pixels                      # (N, 3, S, S) uint8
         self.ids = batch.ids
         self.specs = [json.loads(m).get("scene_spec") if m else None for m in batch.meta]
+        self.scenes = [Scene.from_json(json.dumps(json.loads(m)["scene"])) if m and "scene" in json.loads(m)
+                       else None for m in batch.meta]
         self.rejected = len(batch.rejects)
 
     def __len__(self) -> int:
@@ -116,6 +119,37 @@ def judge_attributes(images: Tensor, specs: list) -> list[bool | None]:
 
     arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [None if s is None else bool(evaluate_image(a, s).correct) for a, s in zip(arr, specs)]
+
+
+MISSED = "missed"
+"""The confusion table's column for a true object with no detection near its centre (or none of a shape)."""
+
+
+def shape_confusion(images: Tensor, scenes: list[Scene | None]) -> dict[str, dict[str, int]]:
+    """True shape → read shape → count over every object of every scene: each object is read as the shape of
+    the detection whose centre lies nearest its own, within half the object's side (else `MISSED`; a
+    detection matches one object at most). Images without a scene are skipped."""
+    table = {t: {r: 0 for r in (*SHAPES, MISSED)} for t in SHAPES}
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for a, scene in zip(arr, scenes):
+        if scene is None:
+            continue
+        free = list(detect_objects(a))
+        for o in scene.objects:
+            dist = [math.hypot((d.box[0] + d.box[2]) / 2 - o.cx, (d.box[1] + d.box[3]) / 2 - o.cy) for d in free]
+            j = int(np.argmin(dist)) if dist else -1
+            if j >= 0 and dist[j] <= o.size / 2:
+                read = free.pop(j).shape
+                table[o.shape][read if read in SHAPES else MISSED] += 1
+            else:
+                table[o.shape][MISSED] += 1
+    return table
+
+
+def shape_accuracy(table: dict[str, dict[str, int]]) -> float:
+    """Fraction of objects read as their own shape (`shape_confusion`)."""
+    total = sum(sum(row.values()) for row in table.values())
+    return sum(table[t][t] for t in table) / total if total else float("nan")
 
 
 def save_pairs(originals: Tensor, recons: Tensor, path: Path, n: int, per_row: int = 4) -> None:
@@ -172,6 +206,9 @@ def score_reconstructions(recons: Tensor, held: HeldOut, cfg: EvalConfig, which:
         judged = [j for j in judge_attributes(recons, held.specs) if j is not None]
         metrics["attribute_preservation"] = float(np.mean(judged))
         metrics["attribute_images"] = len(judged)
+    if cfg.attributes and any(s is not None for s in held.scenes):
+        metrics["shape_confusion"] = shape_confusion(recons, held.scenes)
+        metrics["shape_accuracy"] = shape_accuracy(metrics["shape_confusion"])
     if lpips is not None:
         with torch.no_grad():
             metrics["lpips"] = float(torch.cat([lpips(recons[i:i + cfg.batch_size], images[i:i + cfg.batch_size])
@@ -181,5 +218,5 @@ def score_reconstructions(recons: Tensor, held: HeldOut, cfg: EvalConfig, which:
     save_pairs(images, recons, out_dir / f"{tag}.png", cfg.grid_images)
     (out_dir / f"{tag}.json").write_text(json.dumps({"which": which, **metrics}, indent=2))
     log.info("eval %s (%s): %s", tag, which, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                      for k, v in metrics.items()))
+                                                      for k, v in metrics.items() if k != "shape_confusion"))
     return metrics
