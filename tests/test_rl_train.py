@@ -166,7 +166,7 @@ def test_reference_equals_policy_until_the_first_update(artifacts, tmp_path, mod
                                                              "update.epochs": 2}))
     state = setup(cfg)
     assert (state.reference is None) == (mode == "lora")
-    from rl.train import collect_rollout
+    from rl.rollout import collect_rollout
 
     rollout = collect_rollout(state, 0, {})
     inputs = scoring_inputs(state, rollout)
@@ -235,7 +235,7 @@ def test_grpo_raises_a_simple_image_reward(artifacts, tmp_path):
     fixed prompts and seeds redder, and the policy's entropy falls."""
     import numpy as np
 
-    from rl.train import render, sample_images
+    from rl.rollout import render, sample_images
 
     class Redness:
         name = "redness"
