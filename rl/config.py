@@ -3,7 +3,7 @@ and the held-out evaluation; one YAML file (configs/rl_*.yaml)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 from rl.grpo import AdvantageScale
 from rl.prompts import PromptsConfig
@@ -78,12 +78,12 @@ class UpdateConfig:
     skip_zero_advantage: bool = True
     """Skip the forward/backward of samples with advantage 0 (flat groups, dropped samples) when beta = 0 on
     a single process: their gradient is exactly 0, so this changes nothing but the time."""
-    mixed_precision: Literal["no", "bf16"] = "bf16"
     max_steps: int = 100
     time_budget_s: float | None = None
     """Stop (checkpoint, evaluate, save) once this many seconds of RL steps (rollout, render, reward, update;
     not evaluations or checkpoints) have run in this process; None = no limit."""
-    seed: int = 0
+
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"mixed_precision": "run.mixed_precision", "seed": "run.seed"}
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.micro_batch_size < 1 or self.max_steps < 1:
@@ -110,22 +110,43 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class RLRunConfig:
+    """The run-level keys (the same names as `selftok.train`'s and `vlm.train`'s section ``run``)."""
+
+    out_dir: str = "runs/rl"
+    """The run directory."""
+    seed: int = 0
+    """Seeds the prompt sets, their schedule, the rollout seeds and the model-side RNG."""
+    mixed_precision: Literal["bf16", "no"] = "bf16"
+    """bf16 autocast of rollout, scoring and update (fp32 master weights), or none (fp32)."""
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    num_threads: int | None = None
+    """torch CPU threads per process (None: torch's default). On a busy shared CPU, 1 thread per process
+    avoids OpenMP oversubscription, which can slow small matmuls by 10x."""
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("run.checkpoint_every and run.log_every must be >= 1")
+
+
+@dataclasses.dataclass
 class RLConfig:
-    output_dir: str = "runs/rl"
+    run: RLRunConfig = dataclasses.field(default_factory=RLRunConfig)
     policy: PolicyConfig = dataclasses.field(default_factory=PolicyConfig)
     prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
     rewards: list[RewardConfig] = dataclasses.field(default_factory=lambda: [RewardConfig()])
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     update: UpdateConfig = dataclasses.field(default_factory=UpdateConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    checkpoint_every: int = 20
-    keep_checkpoints: int = 2
-    log_every: int = 1
     log_rollouts: bool = True
     """Append every step's prompts, seeds and rewards to rollouts.jsonl."""
-    threads: int | None = None
-    """torch CPU threads per process (None: torch's default). On a busy shared CPU, 1 thread per process
-    avoids OpenMP oversubscription, which can slow small matmuls by 10x."""
+
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {
+        "output_dir": "run.out_dir", "checkpoint_every": "run.checkpoint_every",
+        "keep_checkpoints": "run.keep_checkpoints", "log_every": "run.log_every",
+        "threads": "run.num_threads"}
 
     def __post_init__(self) -> None:
         if not self.rewards:
@@ -135,10 +156,8 @@ class RLConfig:
         if B % mb or mb % min(u.micro_batch_size, mb):
             raise ValueError(f"rollout.batch_size ({B}) must be a multiple of update.minibatch_size ({mb}), "
                              f"which must be a multiple of update.micro_batch_size ({u.micro_batch_size})")
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError("checkpoint_every and log_every must be >= 1")
 
 
-RESUME_MAY_DIFFER = ("checkpoint_every", "keep_checkpoints", "log_every", "update.max_steps",
-                     "update.time_budget_s", "eval.every", "threads")
+RESUME_MAY_DIFFER = ("run.checkpoint_every", "run.keep_checkpoints", "run.log_every", "update.max_steps",
+                     "update.time_budget_s", "eval.every", "run.num_threads")
 

@@ -98,19 +98,19 @@ def check_prompts(prompts: PromptSets, reward: Reward, eval_reward: Reward) -> N
 
 
 def setup(cfg: RLConfig) -> RLState:
-    run_dir = Path(cfg.output_dir)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    acc = make_accelerator(run_dir, cfg.update.mixed_precision)
+    run_dir = Path(cfg.run.out_dir)
+    if cfg.run.num_threads is not None:
+        torch.set_num_threads(cfg.run.num_threads)
+    acc = make_accelerator(run_dir, cfg.run.mixed_precision)
     setup_logging(acc.is_main_process)
-    prompts = build_prompt_sets(cfg.prompts, cfg.update.seed)
+    prompts = build_prompt_sets(cfg.prompts, cfg.run.seed)
     reward = build_reward(cfg.rewards, acc.device)
     eval_reward = ShapesReward(partial_credit=False) if cfg.eval.metric == "program" else reward
     check_prompts(prompts, reward, eval_reward)
     if acc.is_main_process:
         runs.pin_run_config(run_dir, to_dict(cfg), ignore=RESUME_MAY_DIFFER)
     acc.wait_for_everyone()
-    set_seed(cfg.update.seed)
+    set_seed(cfg.run.seed)
     pipe = load_policy(cfg.policy, acc.device)
     model, vocab = pipe.model, pipe.vocab
     reference = None
@@ -350,14 +350,14 @@ def run(cfg: RLConfig) -> Path:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}")
-        if step % cfg.log_every == 0:
+        if step % cfg.run.log_every == 0:
             acc.log(metrics, step=step)
         over_budget = cfg.update.time_budget_s is not None and rl_seconds >= cfg.update.time_budget_s
         if acc.num_processes > 1:  # every process must stop at the same step
             over_budget = bool(acc.reduce(torch.tensor([float(over_budget)], device=acc.device), "sum").item() > 0)
         done = step == total or over_budget
-        if step % cfg.checkpoint_every == 0 or done:
-            runs.save_checkpoint(acc, state.run_dir, step, keep=cfg.keep_checkpoints)
+        if step % cfg.run.checkpoint_every == 0 or done:
+            runs.save_checkpoint(acc, state.run_dir, step, keep=cfg.run.keep_checkpoints)
         if done or (cfg.eval.every > 0 and step % cfg.eval.every == 0):
             evaluate(state)
         if over_budget:
@@ -371,7 +371,7 @@ def run(cfg: RLConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train per the config (final policy in ``output_dir/final``); returns the exit status."""
+    """Train per the config (final policy in ``run.out_dir/final``); returns the exit status."""
     parser = run_parser("python -m rl.train", "GRPO fine-tuning of a VLM over visual tokens (Selftok-Zero).")
     cfg, _ = parse_run_config(RLConfig, parser, argv)
     run(cfg)

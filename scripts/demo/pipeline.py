@@ -161,8 +161,8 @@ def wiring(out: Path, size: int) -> dict[str, list[str]]:
         "tokenizer": [f"run.out_dir={out / 'tokenizer'}"],
         "pretokenize": [f"tokenizer.path={tok}", f"output.dir={out / 'tokens'}", "data.kind=shapes",
                         f"data.shapes.size={size}", f"data.transform.image_size={size}"],
-        "vlm": [f"output_dir={out / 'vlm'}", f"data.shards={out / 'tokens'}"],
-        "rl": [f"output_dir={out / 'rl'}", f"policy.vlm_path={out / 'vlm' / 'final'}",
+        "vlm": [f"run.out_dir={out / 'vlm'}", f"data.shards={out / 'tokens'}"],
+        "rl": [f"run.out_dir={out / 'rl'}", f"policy.vlm_path={out / 'vlm' / 'final'}",
                f"policy.tokenizer_path={tok}"],
     }
 
