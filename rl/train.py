@@ -59,7 +59,7 @@ from rl.state import Progress, RLState
 from selftok.runtime import runs
 from selftok.runtime.cli import entry_point, parse_run_config, run_parser, setup_logging
 from selftok.runtime.config import ConfigError, to_dict
-from selftok.runtime.launch import make_accelerator
+from selftok.runtime.launch import make_accelerator, scheduled_lr
 from vlm.model import ModelConfig, apply_training_mode, export_model
 from vlm.pipeline import load_pipeline
 from vlm.sampler import (
@@ -247,7 +247,7 @@ def update_policy(state: RLState, rollout: Rollout, adv: Tensor, valid_all: Tens
 
 def set_lr(state: RLState, step: int) -> float:
     u = state.cfg.update
-    lr = u.lr * min(1.0, (step + 1) / u.warmup_steps) if u.warmup_steps > 0 else u.lr
+    lr = u.lr * scheduled_lr(1.0, step, u.warmup_steps, 0)  # linear warm-up, then constant
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     return lr

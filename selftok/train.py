@@ -29,7 +29,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -52,7 +51,7 @@ from selftok.model.tokenizer import WEIGHTS_NAME, SelftokTokenizer, TokenizerCon
 from selftok.runtime.cli import entry_point, parse_run_config, run_parser, setup_logging
 from selftok.runtime.config import ConfigError, to_dict
 from selftok.runtime.io import replace_dir
-from selftok.runtime.launch import make_accelerator
+from selftok.runtime.launch import make_accelerator, scheduled_lr
 from selftok.runtime.runs import (
     check_finite,
     checkpoint_step,
@@ -260,17 +259,10 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------------ pure helpers
 def lr_factor(step: int, total: int, optim: OptimConfig) -> float:
-    """Multiplier of the base LRs at `step` (0-based): linear warm-up, then constant / cosine / linear decay
-    to `final_lr_fraction` at the last step."""
-    if optim.warmup_steps and step < optim.warmup_steps:
-        return (step + 1) / optim.warmup_steps
-    if optim.decay == "constant" or total <= optim.warmup_steps + 1:
-        return 1.0
-    progress = (step - optim.warmup_steps) / (total - optim.warmup_steps - 1)
-    floor = optim.final_lr_fraction
-    if optim.decay == "linear":
-        return 1.0 - (1.0 - floor) * progress
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    """Multiplier of the base LRs at `step` (0-based) of a `total`-step stage: linear warm-up, then constant /
+    cosine / linear decay to `final_lr_fraction` at the last step."""
+    decay_steps = total - optim.warmup_steps - 1
+    return scheduled_lr(1.0, step, optim.warmup_steps, decay_steps, optim.decay, optim.final_lr_fraction)
 
 
 def step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Generator:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -31,7 +30,7 @@ from selftok.runtime import runs
 from selftok.runtime.cli import entry_point, parse_run_config, run_parser, setup_logging
 from selftok.runtime.config import to_dict
 from selftok.runtime.grid import image_grid, to_pil_images
-from selftok.runtime.launch import make_accelerator
+from selftok.runtime.launch import make_accelerator, scheduled_lr
 from vlm.data import TASKS, DataConfig, MixedStream, TokenSource
 from vlm.loss import backward_scale, next_token_loss_sums, unigram_entropy
 from vlm.model import ModelConfig, build_model, export_model
@@ -153,11 +152,9 @@ class TrainState:
 
 
 def cosine_lr(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
-    """LR for optimizer step `step` (0-based): linear warmup to base_lr, cosine decay to base_lr * min_ratio."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    """LR for optimizer step `step` (0-based): linear warmup to base_lr, cosine decay to base_lr * min_ratio
+    over the `total - warmup` steps after it."""
+    return scheduled_lr(base_lr, step, warmup, max(1, total - warmup), "cosine", min_ratio)
 
 
 def open_shards(path: str) -> tuple[Any, Any]:
