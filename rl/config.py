@@ -95,7 +95,9 @@ class UpdateConfig:
 
 
 @dataclasses.dataclass
-class EvalConfig:
+class RLEvalConfig:
+    """The held-out evaluation during GRPO (section ``eval``)."""
+
     every: int = 20
     """Evaluate on the held-out prompts every this many steps (and at the start and the end); 0 = only
     at the start and the end."""
@@ -139,7 +141,7 @@ class RLConfig:
     rewards: list[RewardConfig] = dataclasses.field(default_factory=lambda: [RewardConfig()])
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     update: UpdateConfig = dataclasses.field(default_factory=UpdateConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    eval: RLEvalConfig = dataclasses.field(default_factory=RLEvalConfig)
     log_rollouts: bool = True
     """Append every step's prompts, seeds and rewards to rollouts.jsonl."""
 

@@ -10,21 +10,8 @@ from accelerate import Accelerator
 from rl.config import RLConfig
 from rl.prompts import PromptSets
 from rl.rewards import Reward
+from selftok.runtime.runs import Progress
 from vlm.vocab import Vocabulary
-
-
-class Progress:
-    """Steps done and samples dropped so far; checkpointed with the accelerate state."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.dropped = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "dropped": self.dropped}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step, self.dropped = int(state["step"]), int(state["dropped"])
 
 
 @dataclasses.dataclass

@@ -55,7 +55,7 @@ from rl.grpo import entropy_estimate, group_advantages, grpo_loss
 from rl.prompts import PromptSets, build_prompt_sets
 from rl.rewards import Reward, ShapesReward, build_reward
 from rl.rollout import Rollout, collect_rollout
-from rl.state import Progress, RLState
+from rl.state import RLState
 from selftok.runtime import runs
 from selftok.runtime.cli import entry_point, parse_run_config, run_parser, setup_logging
 from selftok.runtime.config import ConfigError, to_dict
@@ -123,7 +123,7 @@ def setup(cfg: RLConfig) -> RLState:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=u.lr, betas=u.betas, weight_decay=u.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
-    progress = Progress()
+    progress = runs.Progress()
     acc.register_for_checkpointing(progress)
     ckpt = runs.latest_checkpoint(run_dir)
     if ckpt is not None:

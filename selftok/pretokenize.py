@@ -88,7 +88,9 @@ class OutputConfig:
 
 
 @dataclasses.dataclass
-class RunConfig:
+class PretokenizeRunConfig:
+    """How the job runs (section ``run``): batching, data workers, encoding precision, progress bar."""
+
     batch_size: int = 64
     """Images per encoder forward (batches never straddle two shards)."""
     num_workers: int = 4
@@ -112,7 +114,7 @@ class PretokenizeConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     tokenizer: TokenizerSourceConfig = dataclasses.field(default_factory=TokenizerSourceConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    run: PretokenizeRunConfig = dataclasses.field(default_factory=PretokenizeRunConfig)
 
     def __post_init__(self) -> None:
         if not self.output.dir:

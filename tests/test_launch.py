@@ -1,4 +1,5 @@
-"""The one accelerator factory (selftok.runtime.launch), used by the three training recipes."""
+"""The one accelerator factory, LR schedule and checkpointed step counter (selftok.runtime), used by the three
+training recipes."""
 from __future__ import annotations
 
 import pytest
@@ -85,3 +86,16 @@ def test_one_lr_schedule_serves_the_three_recipes():
                                                                       for k in range(12)]
     assert [vlm.train.cosine_lr(k, 3e-3, 2, 12, 0.1) for k in range(14)] == [s(3e-3, k, 2, 10, "cosine", 0.1)
                                                                             for k in range(14)]
+
+
+def test_one_progress_counter_for_the_checkpoints_of_vlm_and_rl():
+    from selftok.runtime.runs import Progress
+
+    assert rl.train.runs.Progress is vlm.train.runs.Progress is Progress
+    p = Progress()
+    p.step, p.dropped = 7, 2
+    q = Progress()
+    q.load_state_dict(p.state_dict())
+    assert (q.step, q.dropped) == (7, 2)
+    q.load_state_dict({"step": 3})  # a vlm.train checkpoint written before the merge
+    assert (q.step, q.dropped) == (3, 0)

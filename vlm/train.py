@@ -125,19 +125,6 @@ class TrainConfig:
 RESUME_MAY_DIFFER = ("run.checkpoint_every", "run.keep_checkpoints", "run.log_every", "samples")
 
 
-class Progress:
-    """Optimizer steps done; checkpointed with the accelerate state."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
-
-
 @dataclasses.dataclass
 class TrainState:
     cfg: TrainConfig
@@ -145,7 +132,7 @@ class TrainState:
     model: Any
     optimizer: Any
     stream: MixedStream
-    progress: Progress
+    progress: runs.Progress
     vocab: Vocabulary
     tokenizer: PreTrainedTokenizerBase
     run_dir: Path
@@ -215,7 +202,7 @@ def setup(cfg: TrainConfig) -> TrainState:
     model, optimizer = accelerator.prepare(model, optimizer)
     stream = MixedStream(TokenSource(dataset), vocab, tokenizer, cfg.data, cfg.optim.micro_batch,
                          accelerator.process_index, accelerator.num_processes)
-    progress = Progress()
+    progress = runs.Progress()
     accelerator.register_for_checkpointing(stream)
     accelerator.register_for_checkpointing(progress)
     ckpt = runs.latest_checkpoint(run_dir)
