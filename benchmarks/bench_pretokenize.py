@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = from_dict(PretokenizeConfig, {
                 "data": data, "output": {"dir": f"{tmp}/run{r}", "shard_size": args.shard_size},
                 "run": {"batch_size": args.batch_size, "num_workers": args.num_workers, "progress": False,
-                        "precision": args.precision}})
+                        "mixed_precision": "bf16" if args.precision == "bf16" else "no"}})
             start = time.perf_counter()
             manifest = pretokenize(cfg, tok)
             pipeline.append(args.n / (time.perf_counter() - start))

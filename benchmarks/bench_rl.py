@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        overrides = list(args.overrides) + [f"output_dir={tmp / 'run'}", "log_rollouts=false"]
+        overrides = list(args.overrides) + [f"run.out_dir={tmp / 'run'}", "log_rollouts=false"]
         if args.random:
             vlm_dir, tok_dir = random_artifacts(tmp)
             # random weights render near-constant images, so every group is flat: time the full update anyway

@@ -28,17 +28,8 @@ from selftok.model.tokenizer import SelftokTokenizer
 from selftok.runtime.config import load_config
 from selftok.training import objectives
 from selftok.training.shape_net import ShapeNet
-from selftok.train import (
-    STAGES,
-    Stage0Objective,
-    Stage1Objective,
-    Stage2Objective,
-    TrainConfig,
-    attention_kernel,
-    set_stage_modes,
-    step_generator,
-    uses_math_attention,
-)
+from selftok.train import STAGES, TrainConfig, attention_kernel, step_generator, uses_math_attention
+from selftok.training.stages import Stage0Objective, Stage1Objective, Stage2Objective, set_stage_modes
 
 ROOT = Path(__file__).resolve().parents[1]
 

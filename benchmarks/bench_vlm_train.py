@@ -3,7 +3,7 @@
     python benchmarks/bench_vlm_train.py --config configs/vlm_shapes.yaml [--shards DIR] [--steps 20] [key=value ...]
 
 MFU = 6 · N · tokens/s / peak, with N the parameters that take part in matmuls (all but the input embedding
-lookup), tokens the non-padding tokens trained on, and peak the bf16 (or fp32, per optim.precision) matmul
+lookup), tokens the non-padding tokens trained on, and peak the bf16 (or fp32, per run.mixed_precision) matmul
 throughput measured in this same process on square matrices. The data-pipeline overhead compares the real
 `vlm.train.train_step` reading token shards through `MixedStream` with the same step fed from batches held in
 memory (the same batches, so shapes and FLOPs are equal); blocks of the two alternate to share the machine's
@@ -100,11 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
     tmp = tempfile.TemporaryDirectory()
     shards = args.shards or str(synthetic_shards(Path(tmp.name) / "shards", 4096, args.K, args.codebook))
     cfg = load_config(TrainConfig, args.config, [*args.overrides, f"data.shards={shards}",
-                                                 f"output_dir={tmp.name}/run", "checkpoint_every=1000000",
-                                                 f"optim.max_steps={10 ** 6}", "optim.warmup_steps=10"])
+                                                 f"run.out_dir={tmp.name}/run", f"optim.max_steps={10 ** 6}",
+                                                 "run.checkpoint_every=1000000", "optim.warmup_steps=10"])
     state = setup(cfg)
     device = state.accelerator.device
-    dtype = torch.bfloat16 if cfg.optim.precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if cfg.run.mixed_precision == "bf16" else torch.float32
     model = state.accelerator.unwrap_model(state.model)
     n_params = count_matmul_params(model)
     timed_steps(state, args.warmup)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     peak = matmul_peak(device, dtype, args.matmul_n)
     tps = {side: tok / dt for side, (dt, tok) in totals.items()}
     result = {
-        "device": str(device), "threads": torch.get_num_threads(), "precision": cfg.optim.precision,
+        "device": str(device), "threads": torch.get_num_threads(), "precision": cfg.run.mixed_precision,
         "matmul_params_M": n_params / 1e6, "micro_batch": cfg.optim.micro_batch, "max_len": cfg.data.max_len,
         "tokens_per_s": tps["real"], "tokens_per_s_in_memory": tps["memory"],
         "peak_matmul_tflops": peak / 1e12, "mfu": 6 * n_params * tps["real"] / peak,

@@ -36,222 +36,41 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
-import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from rl.grpo import AdvantageScale, entropy_estimate, group_advantages, grpo_loss
-from rl.prompts import PromptsConfig, PromptSets, build_prompt_sets, schedule_prompts
-from rl.rewards import Reward, RewardConfig, ShapesReward, build_reward
+from rl.config import RESUME_MAY_DIFFER, PolicyConfig, RLConfig
+from rl.evaluation import evaluate
+from rl.grpo import entropy_estimate, group_advantages, grpo_loss
+from rl.prompts import PromptSets, build_prompt_sets
+from rl.rewards import Reward, ShapesReward, build_reward
+from rl.rollout import Rollout, collect_rollout
+from rl.state import RLState
 from selftok.runtime import runs
 from selftok.runtime.cli import entry_point, parse_run_config, run_parser, setup_logging
 from selftok.runtime.config import ConfigError, to_dict
-from selftok.runtime.grid import save_grid, to_pil_images
-from selftok.runtime.launch import make_accelerator
-from selftok.shapes import category_means
-from vlm.model import LoraSpec, ModelConfig, apply_training_mode, export_model
+from selftok.runtime.launch import make_accelerator, scheduled_lr
+from vlm.model import ModelConfig, apply_training_mode, export_model
 from vlm.pipeline import load_pipeline
 from vlm.sampler import (
     allowed_ids,
-    decode_codes,
-    generate_image_tokens,
-    image_seed,
     max_prompt_tokens,
     score_tokens,
     t2i_prompt_ids,
     uncond_prompt_ids,
 )
-from vlm.sampling import SamplingPolicy
-from vlm.vocab import Vocabulary, ar_to_encoder_order
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------- config
-@dataclasses.dataclass
-class PolicyConfig:
-    vlm_path: str = ""
-    """Folder of the VLM to fine-tune: `vlm.train`'s final/ (HF model + text tokenizer + vocab.json)."""
-    tokenizer_path: str = ""
-    """Folder of the Selftok tokenizer with a renderer (`SelftokTokenizer.save_pretrained`)."""
-    vae_path: str | None = None
-    """Local SD3-VAE folder for tokenizers in the sd3_vae latent space."""
-    mode: Literal["full", "lora"] = "full"
-    """full: every weight trains and the reference is a frozen copy; lora: adapters (plus trainable visual
-    rows) and the reference is the same model with the adapters disabled."""
-    lora: LoraSpec = dataclasses.field(default_factory=LoraSpec)
-    render_batch_size: int = 64
-    """Images per renderer forward."""
-    attn_implementation: str | None = None
-    """transformers attention of the policy: None = transformers' default (sdpa); "eager" makes the CPU update
-    faster (torch's CPU flash-attention backward is slow on short rows)."""
-
-
-@dataclasses.dataclass
-class RolloutConfig:
-    batch_size: int = 16
-    """Images sampled per process per step (= prompts per step × group_size)."""
-    group_size: int = 4
-    """G: samples per prompt; advantages are relative to the group."""
-    sampling: SamplingPolicy = dataclasses.field(default_factory=SamplingPolicy)
-    """The sampling policy (CFG, temperature, top-k/p, vocabulary); log-probs are computed under it."""
-    gen_batch_size: int = 64
-    """Images per sampler call (rows of the KV-cached loop; twice as many with CFG)."""
-
-    def __post_init__(self) -> None:
-        if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (group-relative advantages), got {self.group_size}")
-        if self.batch_size < 1 or self.batch_size % self.group_size:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of group_size "
-                             f"({self.group_size})")
-        if self.sampling.vocabulary == "text":
-            raise ValueError("rollout.sampling.vocabulary must be visual (or all) to sample images")
-
-    @property
-    def prompts_per_step(self) -> int:
-        return self.batch_size // self.group_size
-
-
-@dataclasses.dataclass
-class UpdateConfig:
-    lr: float = 1e-5
-    warmup_steps: int = 0
-    """Linear warm-up of the learning rate; constant afterwards."""
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float = 1.0
-    epochs: int = 1
-    """Policy epochs per rollout batch (> 1 reuses the batch with the clipped ratio)."""
-    minibatch_size: int | None = None
-    """Samples per optimizer step per process; None = the whole batch."""
-    micro_batch_size: int = 16
-    """Samples per forward/backward (gradient accumulation inside a mini-batch)."""
-    beta: float = 0.0
-    """KL weight (k3 estimator against the frozen reference); 0 skips the reference entirely."""
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    advantage_scale: AdvantageScale = "group"
-    skip_zero_advantage: bool = True
-    """Skip the forward/backward of samples with advantage 0 (flat groups, dropped samples) when beta = 0 on
-    a single process: their gradient is exactly 0, so this changes nothing but the time."""
-    mixed_precision: Literal["no", "bf16"] = "bf16"
-    max_steps: int = 100
-    time_budget_s: float | None = None
-    """Stop (checkpoint, evaluate, save) once this many seconds of RL steps (rollout, render, reward, update;
-    not evaluations or checkpoints) have run in this process; None = no limit."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0 or self.epochs < 1 or self.micro_batch_size < 1 or self.max_steps < 1:
-            raise ValueError("lr, epochs, micro_batch_size and max_steps must be positive")
-        if self.beta < 0 or self.eps_low < 0 or self.eps_high < 0:
-            raise ValueError("beta, eps_low and eps_high must be >= 0")
-        if self.advantage_scale not in ("group", "batch", "none"):
-            raise ValueError(f"advantage_scale must be group, batch or none, got {self.advantage_scale!r}")
-
-
-@dataclasses.dataclass
-class EvalConfig:
-    every: int = 20
-    """Evaluate on the held-out prompts every this many steps (and at the start and the end); 0 = only
-    at the start and the end."""
-    samples_per_prompt: int = 1
-    """Images per held-out prompt (seeds: the prompt's seed, then + 1_000_003 per extra sample)."""
-    metric: Literal["program", "reward"] = "program"
-    """program: the shapes evaluator's GenEval-style accuracy (strict, no partial credit); reward: the mean
-    training reward (for prompts the program cannot judge)."""
-    grid_prompts: int = 12
-    """Held-out prompts shown in the sample grids (an even spread through the list, first sample each)."""
-    at_start: bool = True
-
-
-@dataclasses.dataclass
-class RLConfig:
-    output_dir: str = "runs/rl"
-    policy: PolicyConfig = dataclasses.field(default_factory=PolicyConfig)
-    prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
-    rewards: list[RewardConfig] = dataclasses.field(default_factory=lambda: [RewardConfig()])
-    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
-    update: UpdateConfig = dataclasses.field(default_factory=UpdateConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    checkpoint_every: int = 20
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    log_rollouts: bool = True
-    """Append every step's prompts, seeds and rewards to rollouts.jsonl."""
-    threads: int | None = None
-    """torch CPU threads per process (None: torch's default). On a busy shared CPU, 1 thread per process
-    avoids OpenMP oversubscription, which can slow small matmuls by 10x."""
-
-    def __post_init__(self) -> None:
-        if not self.rewards:
-            raise ValueError("rewards must list at least one reward term")
-        u, B = self.update, self.rollout.batch_size
-        mb = u.minibatch_size or B
-        if B % mb or mb % min(u.micro_batch_size, mb):
-            raise ValueError(f"rollout.batch_size ({B}) must be a multiple of update.minibatch_size ({mb}), "
-                             f"which must be a multiple of update.micro_batch_size ({u.micro_batch_size})")
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError("checkpoint_every and log_every must be >= 1")
-
-
-RESUME_MAY_DIFFER = ("checkpoint_every", "keep_checkpoints", "log_every", "update.max_steps",
-                     "update.time_budget_s", "eval.every", "threads")
-
-
-# ---------------------------------------------------------------------------------------------- state
-class Progress:
-    """Steps done and samples dropped so far; checkpointed with the accelerate state."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.dropped = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "dropped": self.dropped}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step, self.dropped = int(state["step"]), int(state["dropped"])
-
-
-@dataclasses.dataclass
-class RLState:
-    cfg: RLConfig
-    accelerator: Accelerator
-    model: Any                 # the trained policy (prepared by accelerate)
-    reference: Any | None      # frozen reference (full mode with beta > 0), else None
-    optimizer: Any
-    vocab: Vocabulary
-    text_tokenizer: Any
-    image_tokenizer: Any       # SelftokTokenizer with a renderer
-    reward: Reward
-    eval_reward: Reward
-    prompts: PromptSets
-    progress: Progress
-    run_dir: Path
-
-
-class Rollout(NamedTuple):
-    prompts: list[dict[str, Any]]   # B prompt items (groups of G consecutive)
-    seeds: list[int]                # B sampling seeds
-    token_ids: Tensor               # (B, K) sampled visual ids, AR order
-    logprobs: Tensor                # (B, K) fp32 sampler log-probs under the policy
-    images: list[Image.Image]       # B rendered images
-    rewards: Tensor                 # (B,) fp32, NaN/inf = unscorable
-    details: list[dict[str, Any]]   # B reward details
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -279,19 +98,19 @@ def check_prompts(prompts: PromptSets, reward: Reward, eval_reward: Reward) -> N
 
 
 def setup(cfg: RLConfig) -> RLState:
-    run_dir = Path(cfg.output_dir)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    acc = make_accelerator(run_dir, cfg.update.mixed_precision)
+    run_dir = Path(cfg.run.out_dir)
+    if cfg.run.num_threads is not None:
+        torch.set_num_threads(cfg.run.num_threads)
+    acc = make_accelerator(run_dir, cfg.run.mixed_precision)
     setup_logging(acc.is_main_process)
-    prompts = build_prompt_sets(cfg.prompts, cfg.update.seed)
+    prompts = build_prompt_sets(cfg.prompts, cfg.run.seed)
     reward = build_reward(cfg.rewards, acc.device)
     eval_reward = ShapesReward(partial_credit=False) if cfg.eval.metric == "program" else reward
     check_prompts(prompts, reward, eval_reward)
     if acc.is_main_process:
         runs.pin_run_config(run_dir, to_dict(cfg), ignore=RESUME_MAY_DIFFER)
     acc.wait_for_everyone()
-    set_seed(cfg.update.seed)
+    set_seed(cfg.run.seed)
     pipe = load_policy(cfg.policy, acc.device)
     model, vocab = pipe.model, pipe.vocab
     reference = None
@@ -304,7 +123,7 @@ def setup(cfg: RLConfig) -> RLState:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=u.lr, betas=u.betas, weight_decay=u.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
-    progress = Progress()
+    progress = runs.Progress()
     acc.register_for_checkpointing(progress)
     ckpt = runs.latest_checkpoint(run_dir)
     if ckpt is not None:
@@ -315,52 +134,6 @@ def setup(cfg: RLConfig) -> RLState:
              reward.name)
     return RLState(cfg, acc, model, reference, optimizer, vocab, pipe.text_tokenizer, pipe.image_tokenizer, reward,
                    eval_reward, prompts, progress, run_dir)
-
-
-# ---------------------------------------------------------------------------------------------- rollout
-def render(state: RLState, token_ids: Tensor) -> list[Image.Image]:
-    """AR-ordered visual ids (B, K) -> rendered PIL images (one renderer pass; codes flipped to encoder order)."""
-    codes = ar_to_encoder_order(state.vocab.ids_to_codes(token_ids))
-    images = decode_codes(state.image_tokenizer, codes, "renderer", batch_size=state.cfg.policy.render_batch_size)
-    return to_pil_images(images)
-
-
-def sample_images(state: RLState, captions: list[str], seeds: list[int]) -> tuple[Tensor, Tensor]:
-    """Sample with the run's policy from the current weights: (token_ids (B, K), logprobs (B, K))."""
-    acc = state.accelerator
-    model = acc.unwrap_model(state.model)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), acc.autocast():
-        out = generate_image_tokens(model, state.vocab, state.text_tokenizer, captions,
-                                    state.cfg.rollout.sampling, seeds, batch_size=state.cfg.rollout.gen_batch_size)
-    model.train(was_training)
-    return out.token_ids[:, :state.vocab.K], out.logprobs
-
-
-def rollout_seeds(seed: int, step: int, first_slot: int, n: int) -> list[int]:
-    """Distinct sampling seeds per (run seed, step, global sample slot)."""
-    return [(seed * 1_000_003 + step) * 1_048_576 + first_slot + j for j in range(n)]
-
-
-def collect_rollout(state: RLState, step: int, timings: dict[str, float]) -> Rollout:
-    """This process's share of step `step`: prompts, samples, renders and rewards."""
-    cfg, acc = state.cfg, state.accelerator
-    P, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
-    everyone = schedule_prompts(state.prompts.train, step, P * acc.num_processes, cfg.update.seed,
-                                cfg.prompts.balance)
-    mine = everyone[acc.process_index * P:(acc.process_index + 1) * P]
-    prompts = [p for p in mine for _ in range(G)]
-    seeds = rollout_seeds(cfg.update.seed, step, acc.process_index * P * G, P * G)
-    t0 = time.perf_counter()
-    token_ids, logprobs = sample_images(state, [p["prompt"] for p in prompts], seeds)
-    t1 = time.perf_counter()
-    images = render(state, token_ids)
-    t2 = time.perf_counter()
-    out = state.reward(images, prompts)
-    t3 = time.perf_counter()
-    timings.update(rollout_s=t1 - t0, render_s=t2 - t1, reward_s=t3 - t2)
-    return Rollout(prompts, seeds, token_ids, logprobs, images, out.scores.float(), out.details)
 
 
 # ---------------------------------------------------------------------------------------------- update
@@ -474,7 +247,7 @@ def update_policy(state: RLState, rollout: Rollout, adv: Tensor, valid_all: Tens
 
 def set_lr(state: RLState, step: int) -> float:
     u = state.cfg.update
-    lr = u.lr * min(1.0, (step + 1) / u.warmup_steps) if u.warmup_steps > 0 else u.lr
+    lr = u.lr * scheduled_lr(1.0, step, u.warmup_steps, 0)  # linear warm-up, then constant
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     return lr
@@ -535,70 +308,6 @@ def train_step(state: RLState) -> dict[str, float]:
     return metrics
 
 
-# ---------------------------------------------------------------------------------------------- evaluation
-def eval_entries(state: RLState) -> tuple[list[dict[str, Any]], list[int]]:
-    """Held-out entries, each `samples_per_prompt` times, with the seeds `vlm.generate evaluate` uses (so the
-    in-loop scores are the ones that command reports for the same weights and policy)."""
-    n = state.cfg.eval.samples_per_prompt
-    entries = [p for p in state.prompts.heldout for _ in range(n)]
-    seeds = [image_seed(int(p["seed"]), p["prompt"], k) for p in state.prompts.heldout for k in range(n)]
-    return entries, seeds
-
-
-def evaluate(state: RLState) -> dict[str, Any]:
-    """Score the held-out prompts at their fixed seeds; write eval.jsonl and a sample grid (main process)."""
-    acc, step = state.accelerator, state.progress.step
-    entries, seeds = eval_entries(state)
-    n, W, r = len(entries), acc.num_processes, acc.process_index
-    lo, hi = r * n // W, (r + 1) * n // W
-    token_ids, _ = sample_images(state, [p["prompt"] for p in entries[lo:hi]], seeds[lo:hi]) if hi > lo else (
-        torch.zeros(0, state.vocab.K, dtype=torch.long), None)
-    images = render(state, token_ids) if hi > lo else []
-    out = state.eval_reward(images, entries[lo:hi]) if images else None
-    scores = gather_object(out.scores.tolist() if out else [])
-    details = gather_object(out.details if out else [])
-    grid_idx = grid_indices(state)
-    grid = gather_object([(i, images[i - lo]) for i in grid_idx if lo <= i < hi])
-    result = summarize_eval(entries, scores, details, state.cfg.eval.metric)
-    result["step"] = step
-    if acc.is_main_process:
-        with (state.run_dir / "eval.jsonl").open("a") as f:
-            f.write(json.dumps(result) + "\n")
-        log_samples(state, [im for _, im in sorted(grid, key=lambda t: t[0])])
-        acc.log({f"eval/{k}": v for k, v in result["per_category"].items()} | {"eval/overall": result["overall"]},
-                step=step)
-        log.info("eval step %d: overall %.3f %s", step, result["overall"],
-                 " ".join(f"{k}={v:.2f}" for k, v in result["per_category"].items()))
-    return result
-
-
-def summarize_eval(entries: Sequence[dict[str, Any]], scores: Sequence[float], details: Sequence[dict[str, Any]],
-                   metric: str) -> dict[str, Any]:
-    """Per-category mean (accuracy for the program metric) and overall = mean of the categories (GenEval)."""
-    values = ((str(e.get("tag", "text")), float(d.get("correct", False)) if metric == "program" else s)
-              for e, s, d in zip(entries, scores, details))
-    overall, cats, counts = category_means((tag, v) for tag, v in values if math.isfinite(v))
-    return {"overall": overall, "per_category": cats, "counts": counts, "n": len(entries)}
-
-
-def grid_indices(state: RLState) -> list[int]:
-    """Entries shown in the sample grids: an even spread of held-out prompts, their first sample."""
-    held, n = state.prompts.heldout, state.cfg.eval.samples_per_prompt
-    k = min(state.cfg.eval.grid_prompts, len(held))
-    return [((i * len(held)) // k) * n for i in range(k)]
-
-
-def log_samples(state: RLState, images: Sequence[Image.Image]) -> None:
-    """samples/step_XXXXXXXX.png (and TensorBoard): the same held-out prompts and seeds at every evaluation."""
-    if not images:
-        return
-    grid = save_grid(images, state.run_dir / "samples" / f"step_{state.progress.step:08d}.png",
-                     ncols=min(len(images), 6))
-    tracker = state.accelerator.get_tracker("tensorboard", unwrap=True)
-    if hasattr(tracker, "add_image"):
-        tracker.add_image("samples/heldout", np.asarray(grid), state.progress.step, dataformats="HWC")
-
-
 # ---------------------------------------------------------------------------------------------- run
 def save_final(state: RLState) -> Path:
     """The fine-tuned VLM (adapters merged) + text tokenizer + vocab.json in run_dir/final."""
@@ -641,14 +350,14 @@ def run(cfg: RLConfig) -> Path:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}")
-        if step % cfg.log_every == 0:
+        if step % cfg.run.log_every == 0:
             acc.log(metrics, step=step)
         over_budget = cfg.update.time_budget_s is not None and rl_seconds >= cfg.update.time_budget_s
         if acc.num_processes > 1:  # every process must stop at the same step
             over_budget = bool(acc.reduce(torch.tensor([float(over_budget)], device=acc.device), "sum").item() > 0)
         done = step == total or over_budget
-        if step % cfg.checkpoint_every == 0 or done:
-            runs.save_checkpoint(acc, state.run_dir, step, keep=cfg.keep_checkpoints)
+        if step % cfg.run.checkpoint_every == 0 or done:
+            runs.save_checkpoint(acc, state.run_dir, step, keep=cfg.run.keep_checkpoints)
         if done or (cfg.eval.every > 0 and step % cfg.eval.every == 0):
             evaluate(state)
         if over_budget:
@@ -662,7 +371,7 @@ def run(cfg: RLConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train per the config (final policy in ``output_dir/final``); returns the exit status."""
+    """Train per the config (final policy in ``run.out_dir/final``); returns the exit status."""
     parser = run_parser("python -m rl.train", "GRPO fine-tuning of a VLM over visual tokens (Selftok-Zero).")
     cfg, _ = parse_run_config(RLConfig, parser, argv)
     run(cfg)

@@ -17,6 +17,9 @@ _PUBLIC = {
     "TokenizerConfig": "selftok.model.tokenizer",
     "get_preset": "selftok.model.presets",
     "load_official": "selftok.loaders.official",
+    "from_official_state": "selftok.loaders.official",
+    "official_encoder_config": "selftok.loaders.official",
+    "official_decoder_config": "selftok.loaders.official",
     "load_tokenizer": "selftok.loaders.official",
 }
 __all__ = sorted(_PUBLIC)

@@ -24,7 +24,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -88,16 +88,21 @@ class OutputConfig:
 
 
 @dataclasses.dataclass
-class RunConfig:
+class PretokenizeRunConfig:
+    """How the job runs (section ``run``): batching, data workers, encoding precision, progress bar."""
+
     batch_size: int = 64
     """Images per encoder forward (batches never straddle two shards)."""
     num_workers: int = 4
     """DataLoader worker processes for reading, decoding and transforms (0 = in the main process)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
+    mixed_precision: Literal["bf16", "no"] = "no"
     """bf16 runs the encoder (and VAE) under bfloat16 autocast; the codebook lookup stays fp32. Codes may
-    differ from fp32 for inputs near a tie; the precision is part of the job identity."""
+    differ from fp32 (``no``) for inputs near a tie; the precision is part of the job identity (the manifest's
+    ``transform.precision``: ``bf16`` or ``fp32``)."""
     progress: bool = True
     """tqdm progress bar (images/s) on the main process."""
+
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"precision": "run.mixed_precision"}
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.num_workers < 0:
@@ -109,7 +114,7 @@ class PretokenizeConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     tokenizer: TokenizerSourceConfig = dataclasses.field(default_factory=TokenizerSourceConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    run: PretokenizeRunConfig = dataclasses.field(default_factory=PretokenizeRunConfig)
 
     def __post_init__(self) -> None:
         if not self.output.dir:
@@ -164,7 +169,8 @@ def job_manifest(cfg: PretokenizeConfig, tok: SelftokTokenizer, source: ImageSou
     return ShardManifest(
         K=tok.K, codebook_size=tok.codebook_size, order=ORDER_AR, tokenizer=tokenizer_info,
         image_size=cfg.data.transform.image_size,
-        transform={**cfg.data.transform.describe(), "precision": cfg.run.precision}, source=source.describe(),
+        transform={**cfg.data.transform.describe(), "precision": manifest_precision(cfg.run.mixed_precision)},
+        source=source.describe(),
         counts={"written": 0, "rejected": 0}, rejects=[], shards=[], complete=False,
         plan={"num_inputs": n, "shard_size": size, "num_shards": -(-n // size)},
         extra={"provenance": {"tokenizer": dataclasses.asdict(cfg.tokenizer), "data_path": cfg.data.path}})
@@ -207,12 +213,18 @@ class PendingShard:
     rejects: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
 
-def encode_batch(tok: SelftokTokenizer, batch: ImageBatch, device: torch.device, precision: str) -> np.ndarray:
+def manifest_precision(mixed_precision: str) -> str:
+    """The manifest's name of the encoding precision (``fp32`` | ``bf16``) for ``run.mixed_precision``."""
+    return "bf16" if mixed_precision == "bf16" else "fp32"
+
+
+def encode_batch(tok: SelftokTokenizer, batch: ImageBatch, device: torch.device,
+                 mixed_precision: str) -> np.ndarray:
     """Kept images of a batch → (B, K) uint16 codes in AR order."""
     if len(batch) == 0:
         return np.zeros((0, tok.K), np.uint16)
     images = batch.to_images(device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if mixed_precision == "bf16"
                 else contextlib.nullcontext())
     with autocast:
         codes = tok.encode(images)
@@ -234,7 +246,7 @@ def tokenize_shards(cfg: PretokenizeConfig, tok: SelftokTokenizer, source: Image
         first = batch.indices[0] if batch.indices else batch.rejects[0].index
         s = first // cfg.output.shard_size
         shard = pending[s]
-        tokens = encode_batch(tok, batch, device, cfg.run.precision)
+        tokens = encode_batch(tok, batch, device, cfg.run.mixed_precision)
         shard.ids += batch.ids
         shard.tokens.append(tokens)
         shard.captions += batch.captions

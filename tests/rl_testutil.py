@@ -48,10 +48,10 @@ def make_artifacts(root: Path, preset: str = "tiny", llama: LlamaSpec = TINY_LLA
 
 def tiny_overrides(vlm_dir: Path, tok_dir: Path, out: Path) -> list[str]:
     """Overrides for a seconds-long CPU run on the tiny artifacts."""
-    return [f"output_dir={out}", f"policy.vlm_path={vlm_dir}", f"policy.tokenizer_path={tok_dir}",
+    return [f"run.out_dir={out}", f"policy.vlm_path={vlm_dir}", f"policy.tokenizer_path={tok_dir}",
             "rollout.batch_size=8", "rollout.group_size=4", "rollout.sampling.cfg_scale=2.0",
             "update.micro_batch_size=4", "update.lr=1e-3", "update.max_steps=3", "eval.every=0",
-            "eval.grid_prompts=4", "prompts.max_heldout=12", "checkpoint_every=1"]
+            "eval.grid_prompts=4", "prompts.max_heldout=12", "run.checkpoint_every=1"]
 
 
 def make_clip(directory: Path) -> Path:

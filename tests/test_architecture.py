@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("selftok", "vlm", "rl", "scripts")
 #: Helpers that used to be written several times (issue 16); each must now have exactly one definition.
 DEFINED_ONCE = ("psnr", "resize_center_crop", "IMAGE_SUFFIXES", "write_atomic", "read_json", "sha256_file",
-                "load_tokenizer", "make_accelerator", "save_grid", "category_means", "visible_mask", "Vocabulary")
+                "load_tokenizer", "make_accelerator", "save_grid", "category_means", "visible_mask", "Vocabulary",
+                "scheduled_lr", "Progress", "EvalConfig", "RunConfig", "DemoConfig", "build_stages")
 
 
 def module_name(path: Path) -> str:

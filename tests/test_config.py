@@ -59,6 +59,16 @@ def test_type_errors_and_invariants_are_clear():
     assert from_dict(Run, {"init_from": None}).init_from is None
 
 
+def test_a_bare_no_is_the_literal_no():
+    @dataclasses.dataclass
+    class Precision:
+        mixed_precision: Literal["bf16", "no"] = "bf16"
+
+    assert load_config(Precision, None, ["mixed_precision=no"]).mixed_precision == "no"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(Precision, None, ["mixed_precision=yes"])
+
+
 def test_config_diff_lists_changed_keys():
     assert config_diff({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}}) == ["a.c: 2 -> 3"]
 
@@ -94,3 +104,46 @@ def _config_class_for(name: str):
         raise AssertionError(f"configs/{name}: no run config registered for prefix {prefix!r} in {CONFIG_CLASSES}")
     module, cls = CONFIG_CLASSES[prefix].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+TRAINING_JOBS = ("selftok.train:TrainConfig", "vlm.train:TrainConfig", "rl.train:RLConfig")
+#: The run-level keys every training job names the same way, with the same type, in its section ``run``.
+SHARED_RUN_KEYS = {"out_dir": str, "seed": int, "mixed_precision": Literal["bf16", "no"], "log_every": int,
+                   "checkpoint_every": int, "keep_checkpoints": int}
+
+
+def _job_class(spec: str):
+    import importlib
+
+    module, cls = spec.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+@pytest.mark.parametrize("spec", TRAINING_JOBS)
+def test_training_jobs_share_one_run_vocabulary(spec):
+    import typing
+
+    cls = _job_class(spec)
+    run = typing.get_type_hints(cls)["run"]
+    hints = typing.get_type_hints(run)
+    assert {k: hints.get(k) for k in SHARED_RUN_KEYS} == SHARED_RUN_KEYS
+    top = {f.name for f in dataclasses.fields(cls)}
+    assert not top & {"output_dir", "seed", "threads", "checkpoint_every", "log_every"}
+
+
+@pytest.mark.parametrize(("spec", "old", "new"), [
+    ("vlm.train:TrainConfig", "output_dir=runs/x", "run.out_dir"),
+    ("vlm.train:TrainConfig", "optim.seed=1", "run.seed"),
+    ("vlm.train:TrainConfig", "optim.precision=fp32", "run.mixed_precision"),
+    ("vlm.train:TrainConfig", "checkpoint_every=5", "run.checkpoint_every"),
+    ("rl.train:RLConfig", "output_dir=runs/x", "run.out_dir"),
+    ("rl.train:RLConfig", "update.seed=1", "run.seed"),
+    ("rl.train:RLConfig", "update.mixed_precision=no", "run.mixed_precision"),
+    ("rl.train:RLConfig", "threads=1", "run.num_threads"),
+    ("selftok.pretokenize:PretokenizeConfig", "run.precision=bf16", "run.mixed_precision"),
+])
+def test_a_renamed_key_is_an_error_that_names_the_new_key(spec, old, new):
+    overrides = [old] + (["output.dir=out"] if "pretokenize" in spec else [])
+    with pytest.raises(ConfigError) as e:
+        load_config(_job_class(spec), None, overrides)
+    assert f"'{old.split('=')[0]}' was renamed '{new}'" in str(e.value)

@@ -1,4 +1,5 @@
-"""The one accelerator factory (selftok.runtime.launch), used by the three training recipes."""
+"""The one accelerator factory, LR schedule and checkpointed step counter (selftok.runtime), used by the three
+training recipes."""
 from __future__ import annotations
 
 import pytest
@@ -70,3 +71,31 @@ def test_bf16_on_a_cpu_without_native_bf16_is_warned(monkeypatch, caplog):
     assert not warn_emulated_bf16("no", torch.device("cpu"))
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert not warn_emulated_bf16("bf16", torch.device("cpu"))
+
+
+def test_one_lr_schedule_serves_the_three_recipes():
+    s = launch.scheduled_lr
+    assert [s(2.0, k, 4, 10) for k in range(5)] == [0.5, 1.0, 1.5, 2.0, 2.0]  # warm-up, then constant
+    assert s(2.0, 4, 4, 10, "cosine", 0.1) == 2.0 and s(2.0, 14, 4, 10, "cosine", 0.1) == pytest.approx(0.2)
+    assert s(2.0, 9, 4, 10, "cosine", 0.1) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))  # halfway: cos = 0
+    assert s(1.0, 9, 4, 10, "linear", 0.0) == pytest.approx(0.5) and s(1.0, 99, 4, 10, "linear", 0.0) == 0.0
+    assert s(1.0, 7, 0, 0, "cosine", 0.1) == 1.0  # nothing to decay over
+    # the recipes' own schedules are this one
+    o = selftok.train.OptimConfig(warmup_steps=2, decay="cosine", final_lr_fraction=0.1)
+    assert [selftok.train.lr_factor(k, 12, o) for k in range(12)] == [s(1.0, k, 2, 9, "cosine", 0.1)
+                                                                      for k in range(12)]
+    assert [vlm.train.cosine_lr(k, 3e-3, 2, 12, 0.1) for k in range(14)] == [s(3e-3, k, 2, 10, "cosine", 0.1)
+                                                                            for k in range(14)]
+
+
+def test_one_progress_counter_for_the_checkpoints_of_vlm_and_rl():
+    from selftok.runtime.runs import Progress
+
+    assert rl.train.runs.Progress is vlm.train.runs.Progress is Progress
+    p = Progress()
+    p.step, p.dropped = 7, 2
+    q = Progress()
+    q.load_state_dict(p.state_dict())
+    assert (q.step, q.dropped) == (7, 2)
+    q.load_state_dict({"step": 3})  # a vlm.train checkpoint written before the merge
+    assert (q.step, q.dropped) == (3, 0)

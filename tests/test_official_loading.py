@@ -15,15 +15,23 @@ from tokenizer_testutil import (  # noqa: F401
     single_thread,
 )
 
+import selftok
 from selftok.loaders.official import (
     CheckpointError,
     config_from_official,
     infer_official_config,
     load_official,
     map_official_state_dict,
+    official_decoder_config,
+    official_decoder_presets,
+    official_encoder_config,
+    official_encoder_presets,
     read_state_dict,
 )
+from selftok.model.encoder import EncoderConfig
+from selftok.model.mmdit import MMDiTConfig
 from selftok.model.presets import get_preset
+from selftok.model.renderer import RendererConfig
 from selftok.model.tokenizer import SelftokTokenizer
 from selftok.runtime.config import to_dict
 
@@ -117,3 +125,42 @@ def test_unsupported_official_settings_are_named():
         config_from_official(bad, enc, dec)
     with pytest.raises(ValueError, match="disagrees with the schedule"):
         config_from_official({**params, "k_per_stage": "8,7,5,3,2"}, enc, dec)
+
+
+def test_official_registry_kwargs_become_configs():
+    """The reference's Enc_models / DiT_models entries (sizes in reference/README.md: encoder patch 2, width
+    48, 3 heads, depth 3, query width 32, 2 query heads; MMDiT depth 3 = 3 heads of 64; renderer the same) and
+    the release's own entries, translated by the package."""
+    enc, dec = registered_presets()
+    assert enc == {"Enc-Qformer-Uni-TinyK24/2": EncoderConfig(patch_size=2, hidden_size=48, num_heads=3, depth=3,
+                                                              query_dim=32, query_heads=2)}
+    assert dec == {
+        "MMDiT_TinyD3": MMDiTConfig(depth=3, num_heads=3, head_dim=64, patch_size=2, pos_embed_max_size=17),
+        "MMDiT_TinyD3_Renderer": RendererConfig(depth=3, num_heads=3, head_dim=64, patch_size=2)}
+    xl = {"depth": 16, "hidden_size": 64, "patch_size": 2, "num_heads": 4, "query_dim": 512, "query_heads": 8,
+          "bidirectional": False}  # Enc_Qformer_Uni_XL_2 in the official encoder registry
+    assert official_encoder_config(xl) == official_encoder_presets()["Enc-Qformer-Uni-XL/2"]
+    mmdit_xl = {"depth": 24, "patch_size": 2, "pos_embed_max_size": 192}
+    assert official_decoder_config(mmdit_xl) == official_decoder_presets()["MMDiT_XL"]
+    assert official_decoder_config(mmdit_xl, renderer=True) == official_decoder_presets()["MMDiT_XL_Renderer"]
+    with pytest.raises(CheckpointError, match="bidirectional"):
+        official_encoder_config({**xl, "bidirectional": True})
+    with pytest.raises(CheckpointError, match="not implemented.*'zero_init'"):
+        official_encoder_config({**xl, "zero_init": True})
+    with pytest.raises(CheckpointError, match="pos_embed_scaling_factor"):
+        official_decoder_config({**mmdit_xl, "pos_embed_scaling_factor": 2.0})
+
+
+def test_official_kwargs_and_an_in_memory_state_dict_give_the_reference_model(tmp_path, state):
+    params = fixture_config()["tokenizer_ImageTokenizer_kwargs"]
+    enc, dec = registered_presets()
+    tok = selftok.from_official_state(params, state, encoder_presets=enc, decoder_presets=dec)
+    io = reference_io()
+    assert torch.equal(tok.encode_latents(io["enc.x"]), io["enc.indices"])
+    # the same model as the file-based loader, through the package's top-level names
+    (tmp_path / "cfg.yml").write_text(yaml.safe_dump({"tokenizer": {"params": params}}))
+    torch.save(dict(state), tmp_path / "ckpt.pth")
+    loaded = selftok.load_official(tmp_path / "ckpt.pth", tmp_path / "cfg.yml", encoder_presets=enc,
+                                   decoder_presets=dec)
+    assert loaded.state_dict().keys() == tok.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), tok.state_dict().values()))

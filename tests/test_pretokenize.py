@@ -145,7 +145,7 @@ def test_duplicate_ids_are_kept_and_reported(tmp_path):
 
 
 def test_bf16_option_runs_and_is_part_of_the_job(tmp_path):
-    manifest = pretokenize(_cfg(tmp_path / "out", _shapes(4), run={"precision": "bf16"}), _tokenizer())
+    manifest = pretokenize(_cfg(tmp_path / "out", _shapes(4), run={"mixed_precision": "bf16"}), _tokenizer())
     assert manifest.complete and manifest.transform["precision"] == "bf16"
     with pytest.raises(ShardError, match="precision"):
         pretokenize(_cfg(tmp_path / "out", _shapes(4)), _tokenizer())

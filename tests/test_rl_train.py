@@ -42,14 +42,13 @@ def _fresh_accelerate_state():
 def tiny_config(artifacts, out: Path, **extra) -> dict:
     """A seconds-long run: shapes reward plus a tiny random CLIP (so groups are never flat)."""
     vlm_dir, tok_dir, clip_dir = artifacts
-    cfg = {"output_dir": str(out),
+    cfg = {"run": {"out_dir": str(out), "checkpoint_every": 1, "num_threads": 1},
            "policy": {"vlm_path": str(vlm_dir), "tokenizer_path": str(tok_dir)},
            "prompts": {"max_heldout": 6},
            "rewards": [{"kind": "shapes", "weight": 1.0}, {"kind": "clip", "path": str(clip_dir), "weight": 5.0}],
            "rollout": {"batch_size": 8, "group_size": 4, "sampling": {"cfg_scale": 2.0}},
            "update": {"micro_batch_size": 4, "lr": 3e-3, "max_steps": 6},
-           "eval": {"every": 0, "at_start": False, "grid_prompts": 3},
-           "checkpoint_every": 1, "threads": 1}
+           "eval": {"every": 0, "at_start": False, "grid_prompts": 3}}
     for key, value in extra.items():
         node = cfg
         *parents, last = key.split(".")
@@ -85,7 +84,7 @@ def test_unparseable_prompts_listed_before_training(tmp_path):
     held.write_text("a photo of a blue square\n")
     out = tmp_path / "run"
     with pytest.raises(RewardPromptError) as e:
-        main([f"output_dir={out}", "prompts.source=file", f"prompts.train_file={train}",
+        main([f"run.out_dir={out}", "prompts.source=file", f"prompts.train_file={train}",
               f"prompts.heldout_file={held}"])
     msg = str(e.value)
     assert "2 of 4" in msg and "a photo of a dog" in msg and "two cats and a horse" in msg
@@ -166,7 +165,7 @@ def test_reference_equals_policy_until_the_first_update(artifacts, tmp_path, mod
                                                              "update.epochs": 2}))
     state = setup(cfg)
     assert (state.reference is None) == (mode == "lora")
-    from rl.train import collect_rollout
+    from rl.rollout import collect_rollout
 
     rollout = collect_rollout(state, 0, {})
     inputs = scoring_inputs(state, rollout)
@@ -235,7 +234,7 @@ def test_grpo_raises_a_simple_image_reward(artifacts, tmp_path):
     fixed prompts and seeds redder, and the policy's entropy falls."""
     import numpy as np
 
-    from rl.train import render, sample_images
+    from rl.rollout import render, sample_images
 
     class Redness:
         name = "redness"

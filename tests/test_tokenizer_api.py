@@ -51,6 +51,26 @@ def test_round_trips(tok, images):
     assert out.vectors.shape == (2, tok.K, tok.cfg.quantizer.vector_dim)
 
 
+def test_decoder_and_renderer_take_code_vectors_as_well_as_indices(tok, images):
+    out = tok.quantize_latents(tok.latents.encode(images))
+    noise = [torch.Generator().manual_seed(5) for _ in range(2)]
+    assert torch.equal(tok.decode(vectors=out.vectors, steps=3, generator=noise[0]),
+                       tok.decode(out.indices, steps=3, generator=noise[1]))
+    assert torch.equal(tok.render(vectors=out.vectors), tok.render(out.indices))
+    assert torch.equal(tok.render_latents(vectors=out.vectors), tok.render_latents(out.indices))
+    # vectors that are not codebook entries decode too (e.g. an interpolation between two images' codes)
+    mixed = 0.5 * (out.vectors[:1] + out.vectors[1:])
+    assert tok.render(vectors=mixed).shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="exactly one of codes"):
+        tok.render(out.indices, vectors=out.vectors)
+    with pytest.raises(ValueError, match="exactly one of codes"):
+        tok.decode(steps=3)
+    with pytest.raises(ValueError, match=r"vectors must have shape \(B, 16, 8\)"):
+        tok.render(vectors=out.vectors[:, :-1])
+    with pytest.raises(ValueError, match="floating point"):
+        tok.render(vectors=out.indices[..., None].expand(-1, -1, 8))
+
+
 def test_save_load_reproduces_outputs_exactly(tok, images, tmp_path):
     tok.save_pretrained(tmp_path / "tok")
     assert (tmp_path / "tok" / "model.safetensors").is_file() and (tmp_path / "tok" / "config.yaml").is_file()

@@ -10,19 +10,12 @@ from safetensors.torch import save_file
 from selftok.loaders.sd3 import SD3_PREFIX, ignored_sd3_names, load_sd3_image_stream, map_sd3_state_dict
 from selftok.model.mmdit import MMDiT, MMDiTConfig
 from selftok.model.renderer import Renderer, RendererConfig
-from selftok.train import (
-    OptimConfig,
-    attention_kernel,
-    is_image_stream,
-    lr_factor,
-    renderer_init_from_decoder,
-    step_generator,
-    uses_math_attention,
-)
+from selftok.train import attention_kernel, lr_factor, step_generator, uses_math_attention
 from selftok.training import objectives
 from selftok.shapes import Scene, ShapeObject, render_scene
 from selftok.training.evaluation import MISSED, shape_accuracy, shape_confusion
 from selftok.training.metrics import psnr, ssim
+from selftok.training.stages import OptimConfig, is_image_stream, renderer_init_from_decoder
 from selftok.training.stream import batch_indices
 
 

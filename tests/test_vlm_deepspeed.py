@@ -15,8 +15,9 @@ TOL = 1e-5
 
 
 def run_args(shards, out, micro, *extra):
-    return [f"data.shards={shards}", f"output_dir={out}", "data.max_len=40", f"optim.micro_batch={micro}",
-            "optim.max_steps=2", "optim.warmup_steps=1", "optim.precision=fp32", *tiny_llama_overrides(), *extra]
+    return [f"data.shards={shards}", f"run.out_dir={out}", "data.max_len=40", f"optim.micro_batch={micro}",
+            "optim.max_steps=2", "optim.warmup_steps=1", "run.mixed_precision=no", *tiny_llama_overrides(),
+            *extra]
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def args(shards: Path, out: Path, *extra: str) -> list[str]:
-    return [f"data.shards={shards}", f"output_dir={out}", "data.max_len=40", "optim.micro_batch=4",
-            "optim.warmup_steps=2", "optim.lr=3e-3", "log_every=1", *tiny_llama_overrides(), *extra]
+    return [f"data.shards={shards}", f"run.out_dir={out}", "data.max_len=40", "optim.micro_batch=4",
+            "optim.warmup_steps=2", "optim.lr=3e-3", "run.log_every=1", *tiny_llama_overrides(), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_cosine_lr():
 
 def test_tiny_run_learns_and_saves_a_loadable_model(shards, tmp_path):
     run = tmp_path / "run"
-    assert main(args(shards, run, "optim.max_steps=60", "optim.lr=1e-2", "checkpoint_every=30",
+    assert main(args(shards, run, "optim.max_steps=60", "optim.lr=1e-2", "run.checkpoint_every=30",
                      "data.packing=true")) == 0
     final = run / "final"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -73,12 +73,12 @@ def assert_final_equals_checkpoint(run: Path, step: str) -> None:
 @pytest.mark.slow
 def test_compiled_run_saves_the_trained_weights(shards, tmp_path):
     run = tmp_path / "run"
-    main(args(shards, run, "optim.max_steps=3", "checkpoint_every=3", "compile=true"))
+    main(args(shards, run, "optim.max_steps=3", "run.checkpoint_every=3", "run.compile=true"))
     assert_final_equals_checkpoint(run, "step_00000003")
 
 
 def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(shards, tmp_path):
-    steps = ["optim.max_steps=16", "checkpoint_every=4"]
+    steps = ["optim.max_steps=16", "run.checkpoint_every=4"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     main(args(shards, ref, *steps))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -110,7 +110,7 @@ def test_resume_with_a_different_vocabulary_or_config_is_refused(tmp_path):
 
 def test_bad_configs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="data.shards is empty"):
-        main([f"output_dir={tmp_path / 'r'}", *tiny_llama_overrides()])
+        main([f"run.out_dir={tmp_path / 'r'}", *tiny_llama_overrides()])
     with pytest.raises(ConfigError, match="warmup_steps"):
         from_dict(TrainConfig, {"optim": {"warmup_steps": 10, "max_steps": 5}})
 

@@ -6,10 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from selftok.loaders.official import config_from_official, model_from_official_state, read_state_dict
-from selftok.model.encoder import EncoderConfig
-from selftok.model.mmdit import MMDiTConfig
-from selftok.model.renderer import RendererConfig
+from selftok.loaders.official import (
+    config_from_official,
+    model_from_official_state,
+    official_decoder_config,
+    official_encoder_config,
+    read_state_dict,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 REFERENCE = FIXTURES / "reference"
@@ -20,23 +23,19 @@ def fixture_config() -> dict:
 
 
 def registered_presets() -> tuple[dict, dict]:
-    """The presets the reference data added to the official registries, as our configs."""
-    enc, dec = {}, {}
+    """The presets the reference data added to the official registries, as our configs (translated by the
+    package's `official_encoder_config` / `official_decoder_config`)."""
+    enc, dec, kwargs = {}, {}, {}
     for name, spec in fixture_config()["registered_presets"].items():
-        kw = spec["preset_kwargs"]
         if spec["class"] == "QformerEncoder":
-            assert kw["bidirectional"] is False
-            enc[name] = EncoderConfig(patch_size=kw["patch_size"], hidden_size=kw["hidden_size"],
-                                      num_heads=kw["num_heads"], depth=kw["depth"], query_dim=kw["query_dim"],
-                                      query_heads=kw["query_heads"])
-        elif spec["class"] == "MMDiT":  # official MMDiT: heads = depth, width 64·depth
-            dec[name] = MMDiTConfig(depth=kw["depth"], num_heads=kw["depth"], head_dim=64,
-                                    patch_size=kw["patch_size"], pos_embed_max_size=kw["pos_embed_max_size"])
+            enc[name] = official_encoder_config(spec["preset_kwargs"])
+        elif spec["class"] == "MMDiT":
+            kwargs[name] = spec["preset_kwargs"]
+            dec[name] = official_decoder_config(spec["preset_kwargs"])
     for name, spec in fixture_config()["registered_presets"].items():
-        if spec["class"] == "MMDiT_Renderer":  # "same as" the MMDiT preset
-            base = next(v for v in dec.values() if isinstance(v, MMDiTConfig))
-            dec[name] = RendererConfig(depth=base.depth, num_heads=base.num_heads, head_dim=base.head_dim,
-                                       patch_size=base.patch_size)
+        if spec["class"] == "MMDiT_Renderer":  # "same as MMDiT_TinyD3": the MMDiT preset's kwargs
+            same_as = spec["preset_kwargs"].removeprefix("same as ")
+            dec[name] = official_decoder_config(kwargs[same_as], renderer=True)
     return enc, dec
 
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from accelerate import Accelerator, DistributedType
@@ -31,7 +30,7 @@ from selftok.runtime import runs
 from selftok.runtime.cli import entry_point, parse_run_config, run_parser, setup_logging
 from selftok.runtime.config import to_dict
 from selftok.runtime.grid import image_grid, to_pil_images
-from selftok.runtime.launch import make_accelerator
+from selftok.runtime.launch import make_accelerator, scheduled_lr
 from vlm.data import TASKS, DataConfig, MixedStream, TokenSource
 from vlm.loss import backward_scale, next_token_loss_sums, unigram_entropy
 from vlm.model import ModelConfig, build_model, export_model
@@ -65,9 +64,8 @@ class OptimConfig:
     clip: float = 1.0
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
-    precision: Literal["fp32", "bf16"] = "bf16"
-    """bf16 autocast (fp32 master weights) or plain fp32. Never fp16 on CPU (docs/vlm.md)."""
-    seed: int = 0
+
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"precision": "run.mixed_precision", "seed": "run.seed"}
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.micro_batch < 1 or self.grad_accum < 1:
@@ -93,34 +91,38 @@ class SampleGridConfig:
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    output_dir: str = "runs/vlm"
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+class VLMRunConfig:
+    """The run-level keys (the same names as `selftok.train`'s and `rl.train`'s section ``run``)."""
+
+    out_dir: str = "runs/vlm"
+    """The run directory."""
+    seed: int = 0
+    """Model initialisation seed."""
+    mixed_precision: Literal["bf16", "no"] = "bf16"
+    """bf16 autocast (fp32 master weights; DeepSpeed: its bf16 mode) or none (fp32). Never fp16 on CPU
+    (docs/vlm.md)."""
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     log_every: int = 10
-    samples: SampleGridConfig = dataclasses.field(default_factory=SampleGridConfig)
     compile: bool = False
     """torch.compile the model (inductor) through accelerate; the first steps pay the compile time."""
 
 
-RESUME_MAY_DIFFER = ("checkpoint_every", "keep_checkpoints", "log_every", "samples")
+@dataclasses.dataclass
+class TrainConfig:
+    run: VLMRunConfig = dataclasses.field(default_factory=VLMRunConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    samples: SampleGridConfig = dataclasses.field(default_factory=SampleGridConfig)
+
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {
+        "output_dir": "run.out_dir", "checkpoint_every": "run.checkpoint_every",
+        "keep_checkpoints": "run.keep_checkpoints", "log_every": "run.log_every", "compile": "run.compile"}
 
 
-class Progress:
-    """Optimizer steps done; checkpointed with the accelerate state."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
+RESUME_MAY_DIFFER = ("run.checkpoint_every", "run.keep_checkpoints", "run.log_every", "samples")
 
 
 @dataclasses.dataclass
@@ -130,18 +132,16 @@ class TrainState:
     model: Any
     optimizer: Any
     stream: MixedStream
-    progress: Progress
+    progress: runs.Progress
     vocab: Vocabulary
     tokenizer: PreTrainedTokenizerBase
     run_dir: Path
 
 
 def cosine_lr(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
-    """LR for optimizer step `step` (0-based): linear warmup to base_lr, cosine decay to base_lr * min_ratio."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    """LR for optimizer step `step` (0-based): linear warmup to base_lr, cosine decay to base_lr * min_ratio
+    over the `total - warmup` steps after it."""
+    return scheduled_lr(base_lr, step, warmup, max(1, total - warmup), "cosine", min_ratio)
 
 
 def open_shards(path: str) -> tuple[Any, Any]:
@@ -181,18 +181,18 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 
 def setup(cfg: TrainConfig) -> TrainState:
-    run_dir = Path(cfg.output_dir)
-    accelerator = make_accelerator(run_dir, "bf16" if cfg.optim.precision == "bf16" else "no",
-                                   cfg.optim.grad_accum, compile=cfg.compile)
+    run_dir = Path(cfg.run.out_dir)
+    accelerator = make_accelerator(run_dir, cfg.run.mixed_precision, cfg.optim.grad_accum,
+                                   compile=cfg.run.compile)
     setup_logging(accelerator.is_main_process)
     log.info("accelerate: %s, %d process(es), device %s, precision %s", accelerator.distributed_type,
-             accelerator.num_processes, accelerator.device, cfg.optim.precision)
+             accelerator.num_processes, accelerator.device, cfg.run.mixed_precision)
     if accelerator.is_main_process:
         runs.pin_run_config(run_dir, to_dict(cfg), ignore=RESUME_MAY_DIFFER)
     accelerator.wait_for_everyone()
     manifest, dataset = open_shards(cfg.data.shards)
     tokenizer, vocab = setup_vocabulary(cfg, accelerator, run_dir, manifest, dataset)
-    set_seed(cfg.optim.seed)
+    set_seed(cfg.run.seed)
     model = build_model(cfg.model, vocab)
     optimizer = build_optimizer(model, cfg.optim)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -202,7 +202,7 @@ def setup(cfg: TrainConfig) -> TrainState:
     model, optimizer = accelerator.prepare(model, optimizer)
     stream = MixedStream(TokenSource(dataset), vocab, tokenizer, cfg.data, cfg.optim.micro_batch,
                          accelerator.process_index, accelerator.num_processes)
-    progress = Progress()
+    progress = runs.Progress()
     accelerator.register_for_checkpointing(stream)
     accelerator.register_for_checkpointing(progress)
     ckpt = runs.latest_checkpoint(run_dir)
@@ -324,13 +324,13 @@ def run(cfg: TrainConfig) -> Path:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if step % cfg.log_every == 0 or step == total:
+        if step % cfg.run.log_every == 0 or step == total:
             acc.log(metrics, step=step)
             log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if cfg.samples.every and (step % cfg.samples.every == 0 or step == total) and acc.is_main_process:
             write_sample_grid(state, step)
-        if step % cfg.checkpoint_every == 0 or step == total:
-            runs.save_checkpoint(acc, state.run_dir, step, keep=cfg.keep_checkpoints)
+        if step % cfg.run.checkpoint_every == 0 or step == total:
+            runs.save_checkpoint(acc, state.run_dir, step, keep=cfg.run.keep_checkpoints)
     bar.close()
     final = save_final(state)
     acc.end_training()
@@ -339,7 +339,7 @@ def run(cfg: TrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train per the config (final model in ``output_dir/final``); returns the exit status."""
+    """Train per the config (final model in ``run.out_dir/final``); returns the exit status."""
     parser = run_parser("python -m vlm.train", "Train a causal LM on Selftok visual tokens (t2i + i2t).")
     cfg, _ = parse_run_config(TrainConfig, parser, argv)
     run(cfg)

@@ -24,7 +24,6 @@ emptied first) with a message saying why. ``--force`` redoes every stage.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import logging
@@ -37,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from scripts.demo.config import DemoConfig, StageSettings
 from scripts.demo.report import write_report
 from scripts.demo.runner import (
     EXIT_FAILED,
@@ -62,83 +62,9 @@ DEFAULT_CONFIG = "configs/demo.yaml"
 SMOKE_CONFIG = "configs/demo_smoke.yaml"
 DEFAULT_OUT = "runs/demo"
 SMOKE_OUT = "runs/demo-smoke"
-#: exit status when a stage's command does not exist yet (distinct from a stage that failed)
 
 
-# ------------------------------------------------------------------------------------------------ config
-@dataclasses.dataclass
-class StageSettings:
-    """One stage's own run config: its YAML (under configs/) plus dotted overrides. The demo adds the keys
-    that wire stages together (output folders, input paths); see `wiring`."""
-
-    config: str = ""
-    """Base YAML of the stage's command, relative to the repository root."""
-    overrides: list[str] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class ShapesSettings:
-    preview: int = 64
-    """Training scenes exported for the report's look at the world."""
-    heldout: int = 96
-    """Held-out scenes exported (the same scenes `vlm.generate evaluate` captions)."""
-    seed: int = 0
-    """Seed of the exported scene streams (`vlm.generate evaluate` captions the held-out stream of seed 0)."""
-
-    def __post_init__(self) -> None:
-        if self.preview < 1 or self.heldout < 1:
-            raise ValueError("shapes.preview and shapes.heldout must be >= 1")
-
-
-@dataclasses.dataclass
-class EvaluateSettings:
-    """`python -m vlm.generate evaluate` flags, identical before and after RL (same prompts and seeds)."""
-
-    n_per_prompt: int = 4
-    """Images per held-out prompt (96 prompts)."""
-    n_captions: int = 96
-    """Held-out scenes captioned (0 = skip)."""
-    batch_size: int = 32
-    extra_args: list[str] = dataclasses.field(default_factory=list)
-    """Further flags, e.g. ["--cfg-scale", "3"] (see docs/generation.md)."""
-
-    def __post_init__(self) -> None:
-        if self.n_per_prompt < 1 or self.n_captions < 0 or self.batch_size < 1:
-            raise ValueError("evaluate.n_per_prompt and batch_size must be >= 1, n_captions >= 0")
-
-
-@dataclasses.dataclass
-class ReportSettings:
-    grid_prompts: int = 12
-    """Held-out prompts shown before/after RL (an even spread over the 96, so every category appears)."""
-    caption_examples: int = 12
-    """Captioned held-out scenes shown beside their images."""
-    scale: int = 2
-    """Nearest-neighbour upscaling of the 64-px images in the grids."""
-
-
-@dataclasses.dataclass
-class DemoConfig:
-    """The whole demo (configs/demo.yaml, configs/demo_smoke.yaml)."""
-
-    name: str = "demo"
-    threads: int | None = None
-    """CPU threads of every stage (OMP_NUM_THREADS / MKL_NUM_THREADS of its process); None = torch's default
-    (all cores). 1 is much faster for tiny models on a busy machine: oversubscribed OpenMP threads make small
-    ops up to ~40× slower (measured with the smoke VLM at load 12 on 2 cores)."""
-    shapes: ShapesSettings = dataclasses.field(default_factory=ShapesSettings)
-    tokenizer: StageSettings = dataclasses.field(default_factory=StageSettings)
-    pretokenize: StageSettings = dataclasses.field(default_factory=StageSettings)
-    vlm: StageSettings = dataclasses.field(default_factory=StageSettings)
-    evaluate: EvaluateSettings = dataclasses.field(default_factory=EvaluateSettings)
-    rl: StageSettings = dataclasses.field(default_factory=StageSettings)
-    report: ReportSettings = dataclasses.field(default_factory=ReportSettings)
-
-    def __post_init__(self) -> None:
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1 (or null), got {self.threads}")
-
-
+# ------------------------------------------------------------------------------------------------ stages
 def merged_config(settings: StageSettings, wiring: list[str]) -> dict[str, Any]:
     """The stage's YAML with its overrides, then the demo's wiring (which always wins)."""
     data = yaml.safe_load((REPO / settings.config).read_text()) or {}
@@ -161,8 +87,8 @@ def wiring(out: Path, size: int) -> dict[str, list[str]]:
         "tokenizer": [f"run.out_dir={out / 'tokenizer'}"],
         "pretokenize": [f"tokenizer.path={tok}", f"output.dir={out / 'tokens'}", "data.kind=shapes",
                         f"data.shapes.size={size}", f"data.transform.image_size={size}"],
-        "vlm": [f"output_dir={out / 'vlm'}", f"data.shards={out / 'tokens'}"],
-        "rl": [f"output_dir={out / 'rl'}", f"policy.vlm_path={out / 'vlm' / 'final'}",
+        "vlm": [f"run.out_dir={out / 'vlm'}", f"data.shards={out / 'tokens'}"],
+        "rl": [f"run.out_dir={out / 'rl'}", f"policy.vlm_path={out / 'vlm' / 'final'}",
                f"policy.tokenizer_path={tok}"],
     }
 
@@ -221,9 +147,6 @@ def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
                        out),
         evaluate_stage("rl_eval", "generate and evaluate again (same prompts and seeds)", "rl/final", cfg, out),
     ]
-
-
-STAGE_NAMES = ("shapes", "tokenizer", "pretokenize", "vlm", "vlm_eval", "rl", "rl_eval")
 
 
 def run_pipeline(cfg: DemoConfig, out: Path, force: bool = False, until: str | None = None, dry_run: bool = False,
@@ -310,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[demo %(asctime)s] %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout, force=True)
     cfg = load_demo_config(args, parser)
-    if args.until is not None and args.until not in STAGE_NAMES:
-        parser.error(f"--until {args.until!r}: not a stage; stages: {', '.join(STAGE_NAMES)}")
     out = Path(args.out or (SMOKE_OUT if args.smoke else DEFAULT_OUT)).resolve()
+    names = [s.name for s in build_stages(cfg, out)]
+    if args.until is not None and args.until not in names:
+        parser.error(f"--until {args.until!r}: not a stage; stages: {', '.join(names)}")
     out.mkdir(parents=True, exist_ok=True)
     log.info("%s → %s (log of every stage in %s)", cfg.name, out, out / "logs")
     write_json(out / "configs" / "demo.json", {"config": to_dict(cfg), "argv": sys.argv[1:] if argv is None

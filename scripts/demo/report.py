@@ -28,6 +28,8 @@ from typing import Any
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
+from scripts.demo.config import DemoConfig
+from scripts.demo.runner import Stage
 from selftok.runtime.config import to_dict
 from selftok.runtime.io import read_json, write_atomic
 from selftok.shapes import CATEGORIES, heldout_prompts, make_example, paired_change
@@ -171,7 +173,7 @@ def acceptance(report: dict[str, Any]) -> dict[str, Any]:
     return checks
 
 
-def collect(cfg: Any, out: Path, stages: list[Any], repo: Path) -> dict[str, Any]:
+def collect(cfg: DemoConfig, out: Path, stages: list[Stage], repo: Path) -> dict[str, Any]:
     """report.json's content (without the image list)."""
     done = {s.name: read_json(out / "stages" / f"{s.name}.done.json") for s in stages}
     missing = [n for n, r in done.items() if r is None]
@@ -313,7 +315,7 @@ def world_grid(out: Path, k: int, scale: int) -> Image.Image | None:
     return cell_sheet(cells, 6, "Training scenes of the shapes world with their captions")
 
 
-def write_grids(cfg: Any, out: Path, size: int | None) -> dict[str, str]:
+def write_grids(cfg: DemoConfig, out: Path, size: int | None) -> dict[str, str]:
     """All PNG figures in the output folder; returns {figure: file name} of those that could be made."""
     s = cfg.report
     made: dict[str, str] = {}
@@ -432,7 +434,7 @@ def md_rl_curve(r: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def md_timing(r: dict[str, Any], stages: list[Any]) -> list[str]:
+def md_timing(r: dict[str, Any], stages: list[Stage]) -> list[str]:
     lines = ["| stage | what | time |", "|---|---|---|"]
     for s in stages:
         lines.append(f"| {s.name} | {s.title} | {minutes(get(r, f'timing.{s.name}'))} |")
@@ -445,7 +447,7 @@ def image_md(images: dict[str, str], name: str, alt: str) -> list[str]:
     return [f"![{alt}]({images[name]})", ""] if name in images else [f"*({alt}: not available yet)*", ""]
 
 
-def write_markdown(r: dict[str, Any], stages: list[Any], out: Path) -> None:
+def write_markdown(r: dict[str, Any], stages: list[Stage], out: Path) -> None:
     images, v = r["images"], r["versions"]
     done = "all stages finished" if r["complete"] else f"**incomplete** — not run yet: {', '.join(r['missing'])}"
     K, C = get(r, "tokenizer.K"), get(r, "tokenizer.codebook_size")
@@ -494,7 +496,7 @@ def write_markdown(r: dict[str, Any], stages: list[Any], out: Path) -> None:
     (out / "report.md").write_text("\n".join(lines))
 
 
-def write_report(cfg: Any, out: Path, stages: list[Any]) -> dict[str, Any]:
+def write_report(cfg: DemoConfig, out: Path, stages: list[Stage]) -> dict[str, Any]:
     """Write report.json, report.md and the grids into `out`; returns the report."""
     start = time.monotonic()
     repo = Path(__file__).resolve().parents[2]

@@ -88,6 +88,46 @@ def official_decoder_presets() -> dict[str, MMDiTConfig | RendererConfig]:
             "MMDiT_XL_Renderer": RendererConfig(depth=24, num_heads=24, head_dim=64)}
 
 
+#: ``DiT_models`` kwargs that size nothing here: derived from other settings, or the run's device and dtype.
+_DERIVED_DIT_KWARGS = ("num_patches", "adm_in_channels", "context_embedder_config", "device", "dtype")
+
+
+def official_encoder_config(kwargs: Mapping[str, Any]) -> EncoderConfig:
+    """The encoder of an official ``Enc_models`` entry, from the kwargs it passes to ``QformerEncoder``
+    (e.g. ``patch_size=2, hidden_size=64, num_heads=4, depth=16, query_dim=512, query_heads=8,
+    bidirectional=False``). Register it under its name through `load_official` / `from_official_state`'s
+    `encoder_presets`. Only the uni-directional Q-Former is implemented; other keys raise CheckpointError."""
+    kw = dict(kwargs)
+    if kw.pop("bidirectional", False):
+        raise CheckpointError("bidirectional Q-Former encoders (Enc-Qformer-Bi-*) are not implemented")
+    sizes = ("patch_size", "hidden_size", "num_heads", "depth", "query_dim", "query_heads")
+    missing, unknown = [k for k in sizes if k not in kw], sorted(set(kw) - set(sizes))
+    if missing or unknown:
+        raise CheckpointError(f"QformerEncoder kwargs: missing {missing}, not implemented {unknown}")
+    return EncoderConfig(**{k: int(kw[k]) for k in sizes})
+
+
+def official_decoder_config(kwargs: Mapping[str, Any],
+                            renderer: bool = False) -> MMDiTConfig | RendererConfig:
+    """The decoder of an official ``DiT_models`` entry, from the kwargs it passes to ``MMDiT`` (or, with
+    `renderer`, to ``MMDiT_Renderer``, which takes the same ones): ``depth``, ``patch_size`` and
+    ``pos_embed_max_size``. The official MMDiT has ``depth`` heads of width 64 (width 64·depth); the renderer
+    reads no position table. Register it under its name through `decoder_presets`."""
+    kw = {k: v for k, v in kwargs.items() if k not in _DERIVED_DIT_KWARGS}
+    for key in ("pos_embed_scaling_factor", "pos_embed_offset"):
+        if kw.pop(key, None) is not None:
+            raise CheckpointError(f"MMDiT kwargs: {key} is not implemented (only None)")
+    if "depth" not in kw or sorted(set(kw) - {"depth", "patch_size", "pos_embed_max_size"}):
+        raise CheckpointError(f"MMDiT kwargs need depth and take patch_size and pos_embed_max_size; "
+                              f"got {sorted(kw)}")
+    depth, patch = int(kw["depth"]), int(kw.get("patch_size", 2))
+    if renderer:
+        return RendererConfig(depth=depth, num_heads=depth, head_dim=64, patch_size=patch)
+    table = kw.get("pos_embed_max_size")
+    return MMDiTConfig(depth=depth, num_heads=depth, head_dim=64, patch_size=patch,
+                       pos_embed_max_size=None if table is None else int(table))
+
+
 # ----------------------------------------------------------------------------- key mapping
 def map_official_name(name: str, kind: str, encoder_depth: int, decoder_depth: int) -> tuple[str | None, str]:
     """Map one official state_dict name. kind: ``"decoder"`` or ``"renderer"`` (what ``model.*`` holds).
@@ -291,12 +331,24 @@ def load_official(ckpt_path: str | Path, yaml_path: str | Path | None = None, va
     Weights are memory-mapped and assigned without copies where the dtype already matches."""
     state = read_state_dict(ckpt_path)
     if yaml_path is not None:
-        cfg = config_from_official(read_official_yaml(yaml_path), encoder_presets, decoder_presets, vae_path)
+        params = read_official_yaml(yaml_path)
+        model = from_official_state(params, state, encoder_presets, decoder_presets, vae_path)
     else:
-        cfg = infer_official_config(state, vae_path)
-    model = model_from_official_state(state, cfg)
+        model = model_from_official_state(state, infer_official_config(state, vae_path))
     log.info("loaded official checkpoint %s", ckpt_path)
     return model
+
+
+def from_official_state(params: Mapping[str, Any], state: Mapping[str, Tensor],
+                        encoder_presets: Mapping[str, EncoderConfig] | None = None,
+                        decoder_presets: Mapping[str, MMDiTConfig | RendererConfig] | None = None,
+                        vae_path: str | None = None) -> SelftokTokenizer:
+    """A SelftokTokenizer from official ``ImageTokenizer`` kwargs (`params`, the YAML's ``tokenizer.params``)
+    and an official state dict held in memory, e.g. an official model's ``state_dict()``; no file is read.
+    `encoder_presets` / `decoder_presets` register non-release architectures (`official_encoder_config`,
+    `official_decoder_config`). Loading is strict, as in `load_official`."""
+    cfg = config_from_official(params, encoder_presets, decoder_presets, vae_path)
+    return model_from_official_state(state, cfg)
 
 
 def load_tokenizer(path: str | Path, official_yaml: str | Path | None = None,

@@ -120,29 +120,35 @@ class SelftokTokenizer(nn.Module):
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
-    def decode(self, codes: Tensor, steps: int = 50, generator: torch.Generator | None = None,
-               size: tuple[int, int] | None = None) -> Tensor:
+    def decode(self, codes: Tensor | None = None, steps: int = 50, generator: torch.Generator | None = None,
+               size: tuple[int, int] | None = None, vectors: Tensor | None = None) -> Tensor:
         """codes (B, K) → images (B, 3, H, W) in [0, 1] with the `steps`-step diffusion decoder.
 
-        `size` = output (H, W) in pixels (default image_size); the noise is drawn from `generator`."""
+        `size` = output (H, W) in pixels (default image_size); the noise is drawn from `generator`. Instead of
+        `codes`, the code vectors (B, K, D) may be given (`vectors`, e.g. `codes_to_vectors` or
+        `quantize_latents(...).vectors`)."""
         latent_hw = None
         if size is not None:
             f = self.cfg.latent.factor
             if size[0] % f or size[1] % f:
                 raise ValueError(f"output size {size} is not divisible by the latent factor {f}")
             latent_hw = (size[0] // f, size[1] // f)
-        self.latents.prepare(codes.device)
-        return self.latents.decode(self.decode_latents(codes, steps, generator, latent_hw=latent_hw))
+        vectors = self._context(codes, vectors)
+        self.latents.prepare(vectors.device)
+        return self.latents.decode(self.decode_latents(steps=steps, generator=generator, latent_hw=latent_hw,
+                                                       vectors=vectors))
 
     @torch.no_grad()
-    def decode_latents(self, codes: Tensor, steps: int = 50, generator: torch.Generator | None = None,
-                       noise: Tensor | None = None, latent_hw: tuple[int, int] | None = None) -> Tensor:
-        """codes (B, K) → latents (B, C, h, w) float32 by Euler sampling from `noise` (default: randn).
+    def decode_latents(self, codes: Tensor | None = None, steps: int = 50,
+                       generator: torch.Generator | None = None, noise: Tensor | None = None,
+                       latent_hw: tuple[int, int] | None = None, vectors: Tensor | None = None) -> Tensor:
+        """codes (B, K) (or their vectors (B, K, D)) → latents (B, C, h, w) float32 by Euler sampling from
+        `noise` (default: randn).
 
         At step i only the first ``k_i + 1`` tokens are visible (official float32 schedule), and only they
         are computed; the per-token modulations are computed once for all steps."""
         decoder = self._require("decoder")
-        vectors = self.codes_to_vectors(codes)
+        vectors = self._context(codes, vectors)
         B, dtype = vectors.shape[0], decoder.x_embedder.proj.weight.dtype
         if noise is None:
             h, w = latent_hw or (self.cfg.latent_size, self.cfg.latent_size)
@@ -160,16 +166,19 @@ class SelftokTokenizer(nn.Module):
         return euler_sample(velocity, noise, grid, self.cfg.flow.shift)
 
     @torch.no_grad()
-    def render(self, codes: Tensor) -> Tensor:
-        """codes (B, K) → images (B, 3, image_size, image_size) in [0, 1] with the one-step renderer."""
-        self.latents.prepare(codes.device)
-        return self.latents.decode(self.render_latents(codes))
+    def render(self, codes: Tensor | None = None, vectors: Tensor | None = None) -> Tensor:
+        """codes (B, K) (or their vectors (B, K, D)) → images (B, 3, image_size, image_size) in [0, 1] with
+        the one-step renderer."""
+        vectors = self._context(codes, vectors)
+        self.latents.prepare(vectors.device)
+        return self.latents.decode(self.render_latents(vectors=vectors))
 
     @torch.no_grad()
-    def render_latents(self, codes: Tensor) -> Tensor:
-        """codes (B, K) → predicted clean latents (B, C, h, w) float32 (one renderer pass)."""
+    def render_latents(self, codes: Tensor | None = None, vectors: Tensor | None = None) -> Tensor:
+        """codes (B, K) (or their vectors (B, K, D)) → predicted clean latents (B, C, h, w) float32 (one
+        renderer pass)."""
         renderer = self._require("renderer")
-        vectors = self.codes_to_vectors(codes).to(renderer.positional_embedding.dtype)
+        vectors = self._context(codes, vectors).to(renderer.positional_embedding.dtype)
         return renderer(vectors).float()
 
     # ------------------------------------------------------------------ dtype, save / load
@@ -225,6 +234,20 @@ class SelftokTokenizer(nn.Module):
             other = "render()" if name == "decoder" else "decode()"
             raise ValueError(f"this tokenizer has no {name} (its config sets {name}: null); use {other}")
         return part
+
+    def _context(self, codes: Tensor | None, vectors: Tensor | None) -> Tensor:
+        """The decoders' context: code vectors (B, K, D) float32 from exactly one of `codes` and `vectors`."""
+        if (codes is None) == (vectors is None):
+            raise ValueError("give exactly one of codes (B, K) and vectors (B, K, D)")
+        if codes is not None:
+            return self.codes_to_vectors(codes)
+        D = self.cfg.quantizer.vector_dim
+        if not isinstance(vectors, Tensor) or vectors.dim() != 3 or tuple(vectors.shape[1:]) != (self.K, D):
+            shape = tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__
+            raise ValueError(f"vectors must have shape (B, {self.K}, {D}), got {shape}")
+        if not vectors.dtype.is_floating_point:
+            raise ValueError(f"vectors must be floating point (indices go in codes), got {vectors.dtype}")
+        return vectors.float()
 
     def _check_codes(self, codes: Tensor) -> Tensor:
         if not isinstance(codes, Tensor) or codes.dim() != 2:

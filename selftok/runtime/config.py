@@ -3,7 +3,13 @@
 Every run config in the project is a dataclass tree. `load_config(Cls, path, overrides)` reads the YAML,
 applies overrides such as ``train.lr=1e-4`` (values parsed as YAML scalars), and builds the tree strictly:
 an unknown key is an error naming the key and the valid ones, a value of the wrong type is an error naming
-the field, and each dataclass checks its invariants in ``__post_init__``.
+the field, and each dataclass checks its invariants in ``__post_init__``. A dataclass may list keys it no
+longer has in a ``RENAMED_KEYS`` class attribute (old key → new dotted key from the top); using one is an
+error that names the new key.
+
+One vocabulary across the training jobs (``selftok.train``, ``vlm.train``, ``rl.train``): their section
+``run`` holds the run directory ``out_dir``, the ``seed``, ``mixed_precision`` (accelerate's names, ``bf16``
+| ``no``) and the logging and checkpoint cadence (``log_every``, ``checkpoint_every``, ``keep_checkpoints``).
 """
 from __future__ import annotations
 
@@ -64,6 +70,11 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
         raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    renamed = getattr(cls, "RENAMED_KEYS", {})
+    for key in unknown:
+        if key in renamed:
+            raise ConfigError(f"config key '{prefix}{key}' was renamed '{renamed[key]}' (one vocabulary "
+                              "across selftok, vlm and rl: run.out_dir, run.seed, run.mixed_precision)")
     if unknown:
         where = f" in section {prefix.rstrip('.')!r}" if prefix else ""
         raise ConfigError(
@@ -116,6 +127,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{name}: {value!r} matches none of {tp}: {'; '.join(errors)}")
     if origin is typing.Literal:
+        if value is False and "no" in args and False not in args:
+            value = "no"  # YAML 1.1 reads a bare `no` (run.mixed_precision=no) as false
         if value not in args:
             raise ConfigError(f"{name}: {value!r} is not one of {list(args)}")
         return value

@@ -1,4 +1,5 @@
-"""The one accelerator factory of the stack (selftok.train, vlm.train and rl.train build theirs here).
+"""The one accelerator factory of the stack (selftok.train, vlm.train and rl.train build theirs here), and the
+one learning-rate schedule they share (`scheduled_lr`).
 
 On machines without CUDA a multi-process launch needs the gloo backend named explicitly, and FSDP is refused
 (accelerate only turns GPU process groups into FSDP). ``cpu=True`` keeps torchrun/DDP copies synchronised on
@@ -7,6 +8,7 @@ CPU but silently turns DeepSpeed off, so it is passed only when no DeepSpeed lau
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -15,6 +17,22 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
 log = logging.getLogger(__name__)
+
+
+def scheduled_lr(base: float, step: int, warmup_steps: int, decay_steps: int, decay: str = "constant",
+                 final_fraction: float = 0.0) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warm-up from 0 to `base` over
+    `warmup_steps`, then `base` (``decay="constant"`` or `decay_steps` <= 0) or a cosine / linear decay over
+    `decay_steps` steps to ``base · final_fraction``, held there afterwards. With ``base=1.0`` it is the
+    multiplier of several parameter groups' own base LRs (selftok.train, rl.train)."""
+    if warmup_steps and step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    if decay == "constant" or decay_steps <= 0:
+        return base
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if decay == "linear":
+        return base * (1.0 - (1.0 - final_fraction) * progress)
+    return base * (final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def warn_emulated_bf16(mixed_precision: str, device: torch.device) -> bool:

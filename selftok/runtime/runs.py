@@ -26,6 +26,22 @@ from selftok.runtime.io import replace_dir, write_atomic
 log = logging.getLogger(__name__)
 
 
+class Progress:
+    """A run's counters, saved in every accelerate checkpoint (``Accelerator.register_for_checkpointing``):
+    optimizer steps done, and samples dropped so far for a non-finite reward (rl.train; 0 elsewhere)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.dropped = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "dropped": self.dropped}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # vlm.train's checkpoints before the one Progress class have no "dropped"
+        self.step, self.dropped = int(state["step"]), int(state.get("dropped", 0))
+
+
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the last good checkpoint is left untouched."""
 
