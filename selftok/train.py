@@ -135,6 +135,11 @@ class Stage1Config:
     shape_weight: float = 0.0
     """Not in the paper: weight of the shape net's perceptual distance (`selftok.training.shape_net`) between the
     joint renderer's prediction and the target latent; needs ``renderer_weight`` and ``shape_net.steps``."""
+    shape_start: int = 0
+    """The shape term is off for this many steps (the renderer first learns the image under the MSE; from the
+    first step the shape net's logits pulled a fresh renderer off the latent manifold), then ramps up."""
+    shape_ramp: int = 0
+    """Steps of the shape term's linear ramp from 0 to `shape_weight` after `shape_start`."""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -143,6 +148,8 @@ class Stage1Config:
             raise ValueError(f"stage1.condition_dropout must lie in [0, 1), got {self.condition_dropout}")
         if self.renderer_weight < 0:
             raise ValueError(f"stage1.renderer_weight must be >= 0, got {self.renderer_weight}")
+        if self.shape_start < 0 or self.shape_ramp < 0:
+            raise ValueError("stage1.shape_start and stage1.shape_ramp must be >= 0")
 
 
 @dataclass
@@ -498,8 +505,9 @@ def train_step(ctx: Context, run: StageRun, step: int, batch) -> dict[str, float
                                             run.cfg.time_sampling, cfg.model.flow.shift, run.cfg.condition_dropout,
                                             run.cfg.logit_mean, run.cfg.logit_std)
             fb = objectives.FlowBatch(*(x.to(acc.device) for x in fb))
-            mix = objectives.quantizer_mix(step, run.cfg.continuous_steps, run.cfg.ramp_steps)
-            loss, per_sample, qmetrics = run.module(latents, fb, mix)
+            mix = objectives.delayed_ramp(step, run.cfg.continuous_steps, run.cfg.ramp_steps)
+            shape = objectives.delayed_ramp(step, run.cfg.shape_start, run.cfg.shape_ramp)
+            loss, per_sample, qmetrics = run.module(latents, fb, mix, shape)
             out.update({(k if k.startswith("renderer_") else f"quantizer/{k}"): float(v) for k, v in qmetrics.items()})
             out["dm_mse"] = float(per_sample.mean())
             for key, (total, count) in objectives.bucket_losses(per_sample, fb.t_model, fb.dropped).items():

@@ -52,9 +52,9 @@ def test_step_generator_depends_on_every_key():
     assert torch.rand(3, generator=step_generator(0, "stage1", 5, 0)).tolist() == draws[(0, "stage1", 5, 0)]
 
 
-def test_quantizer_mix_ramp():
-    assert [objectives.quantizer_mix(s, 2, 4) for s in range(7)] == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
-    assert objectives.quantizer_mix(0, 0, 0) == 1.0
+def test_delayed_ramp():
+    assert [objectives.delayed_ramp(s, 2, 4) for s in range(7)] == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert objectives.delayed_ramp(0, 0, 0) == 1.0
 
 
 def test_flow_batch_visibility_dropout_and_shift():

@@ -112,14 +112,15 @@ def renderer_loss(pred_latent: Tensor, target_latent: Tensor, pred_pixels: Tenso
     return loss, {k: float(v.detach()) for k, v in terms.items()}
 
 
-def quantizer_mix(step: int, continuous_steps: int, ramp_steps: int) -> float:
-    """Continuous → quantized ramp: 0 for the first `continuous_steps` steps (codes bypassed), then linear
-    to 1 over `ramp_steps` steps (the straight-through offset scaled by the mix), then 1."""
-    if step < continuous_steps:
+def delayed_ramp(step: int, start: int, ramp_steps: int) -> float:
+    """0 for the first `start` steps, then linear to 1 over `ramp_steps` steps, then 1. The quantizer's
+    continuous → quantized mix (the straight-through offset scaled by it; `start` = ``continuous_steps``) and
+    the late start of the renderer's shape term (``stage1.shape_start``)."""
+    if step < start:
         return 0.0
     if ramp_steps <= 0:
         return 1.0
-    return min(1.0, (step - continuous_steps + 1) / ramp_steps)
+    return min(1.0, (step - start + 1) / ramp_steps)
 
 
 def pixels_from_latents(latents: Tensor, adapter) -> Tensor:

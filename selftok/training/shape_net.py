@@ -49,10 +49,14 @@ class ShapeNetConfig:
     """Training images (the first of the run's source) it learns from."""
     distance: Literal["features", "logits"] = "features"
     """The renderer term's distance (module docstring)."""
+    noise: float = 0.0
+    """Training latents get Gaussian noise of a std drawn uniformly from [0, noise] per image, so that the net
+    also reads the imperfect latents a renderer in training predicts (a smoother, less exploitable term)."""
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or self.width < 8 or self.images < 1 or self.depth < 1:
-            raise ValueError("shape_net.steps must be >= 0, batch_size, images and depth >= 1, width >= 8")
+        if self.steps < 0 or self.batch_size < 1 or self.width < 8 or self.images < 1 or self.depth < 1 \
+                or self.noise < 0:
+            raise ValueError("shape_net.steps and noise must be >= 0, batch_size, images and depth >= 1, width >= 8")
         if self.distance not in ("features", "logits"):
             raise ValueError(f"shape_net.distance must be features or logits, not {self.distance!r}")
 
@@ -141,7 +145,11 @@ def train_shape_net(cfg: ShapeNetConfig, latents: Tensor, labels: Tensor, seed: 
         for group in opt.param_groups:
             group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         idx = torch.randint(train_z.shape[0], (cfg.batch_size,), generator=gen)
-        loss = F.cross_entropy(net(train_z[idx]), train_y[idx])
+        z = train_z[idx]
+        if cfg.noise:
+            sigma = cfg.noise * torch.rand(z.shape[0], 1, 1, 1, generator=gen)
+            z = z + sigma * torch.randn(z.shape, generator=gen)
+        loss = F.cross_entropy(net(z), train_y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -139,8 +139,10 @@ class Stage1Objective(nn.Module):
         self.shape_net = shape_net if shape_weight else None
         self.shape_weight = shape_weight
 
-    def forward(self, latents: Tensor, fb: objectives.FlowBatch, mix: float) -> tuple[Tensor, Tensor, dict]:
-        """latents (B, C, H, W) → (loss, per-sample velocity MSE (B,) detached, metrics)."""
+    def forward(self, latents: Tensor, fb: objectives.FlowBatch, mix: float,
+                shape_factor: float = 1.0) -> tuple[Tensor, Tensor, dict]:
+        """latents (B, C, H, W) → (loss, per-sample velocity MSE (B,) detached, metrics); `shape_factor`
+        scales the shape term (its late start, `objectives.delayed_ramp`)."""
         tok = self.tok
         q = tok.quantizer(tok.encoder(latents), mix=mix, seed=self.seed)
         visible = fb.visible
@@ -154,9 +156,9 @@ class Stage1Objective(nn.Module):
             render_mse = (render - latents.float()).pow(2).mean()
             loss = loss + self.renderer_weight * render_mse
             metrics["renderer_mse"] = float(render_mse.detach())
-            if self.shape_net is not None:
+            if self.shape_net is not None and shape_factor > 0:
                 shape = shape_distance(self.shape_net, render, latents).mean()
-                loss = loss + self.shape_weight * shape
+                loss = loss + shape_factor * self.shape_weight * shape
                 metrics["renderer_shape"] = float(shape.detach())
         return loss, per_sample.detach(), metrics
 
