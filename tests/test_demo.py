@@ -132,6 +132,31 @@ def test_wiring_chains_the_stages_and_keeps_user_overrides(tmp_path):
     assert len(same) == len(before) - 2 and len(before) == len(after)
 
 
+def test_shipped_tokenizer_stage_installs_it_and_changes_with_its_manifest(tmp_path, monkeypatch):
+    shipped = tmp_path / "pretrained"
+    (shipped / "tiny").mkdir(parents=True)
+    (shipped / "tiny" / "config.yaml").write_text("image_size: 48\n")
+    monkeypatch.setattr(demo, "PRETRAINED", shipped)
+    cfg = demo.load_config(demo.DemoConfig, REPO / demo.SMOKE_CONFIG, ["tokenizer.pretrained=tiny"])
+    out = tmp_path / "out"
+    stage = {s.name: s for s in demo.build_stages(cfg, out)}["tokenizer"]
+    assert "manifest.json does not exist" in runner.unavailable(stage)   # nothing shipped under that name
+    (shipped / "tiny" / "manifest.json").write_text('{"sha256": {}}')
+    stages = {s.name: s for s in demo.build_stages(cfg, out)}
+    stage = stages["tokenizer"]
+    assert runner.unavailable(stage) is None and stage.configs == {}
+    assert stage.commands[0].module == "selftok.pretrained"
+    assert stage.commands[0].argv[:3] == ["install", "tiny", str(out / "tokenizer")]
+    assert demo.image_size(cfg) == 48 == stages["pretokenize"].configs["pretokenize"]["data"]["shapes"]["size"]
+    fp = runner.fingerprint(stage, [])
+    (shipped / "tiny" / "manifest.json").write_text('{"sha256": {"config.yaml": "0"}}')
+    assert runner.fingerprint({s.name: s for s in demo.build_stages(cfg, out)}["tokenizer"], []) != fp
+    parser = demo.build_parser()
+    retrain = demo.load_demo_config(parser.parse_args(["--retrain-tokenizer", "tokenizer.pretrained=tiny"]), parser)
+    assert retrain.tokenizer.pretrained == ""
+    assert {s.name: s for s in demo.build_stages(retrain, out)}["tokenizer"].commands[0].module == "selftok.train"
+
+
 def test_heartbeat_shows_the_latest_progress_line(tmp_path):
     log = tmp_path / "stage.log"
     log.write_bytes(b"loading\nvlm:  10%|#   | 1/10\rvlm:  20%|##  | 2/10\r")

@@ -9,9 +9,13 @@ from tokenizer_testutil import single_thread  # noqa: F401
 
 from selftok.model.presets import get_preset
 from selftok.model.tokenizer import SelftokTokenizer
-from selftok.pretrained import (EVALUATION, ROOT, SUMMARY, ShippedFileError, load_shipped, shipped_dir,
-                                shipped_names, subset_figures)
-from selftok.pretrained.__main__ import ship
+from selftok.pretrained import (EVALUATION, ROOT, SUMMARY, ShippedFileError, install, load_shipped,
+                                manifest_digest, shipped_dir, shipped_names, subset_figures)
+from selftok.pretrained.__main__ import final_evals, main, ship
+
+EVAL_FILES = ["stage0_step500.json", "stage0_step1000.json", "stage0_step1000.png", "stage1_step500.json",
+              "stage1_step2500.json", "stage1_step2500_renderer.json", "stage1_step2500.png", "stage2_step600.json",
+              "notes.txt"]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +25,16 @@ def run_dir(tmp_path_factory):
     torch.manual_seed(0)
     SelftokTokenizer(get_preset("tiny")).save_pretrained(run / "model")
     (run / "summary.json").write_text(json.dumps({"renderer": {"psnr": 12.0}}))
+    (run / "eval").mkdir()
+    for name in EVAL_FILES:
+        (run / "eval" / name).write_text(name)
     return run
+
+
+def test_final_evals_are_each_stages_last_step(run_dir):
+    assert [p.name for p in final_evals(run_dir / "eval")] == [
+        "stage0_step1000.json", "stage0_step1000.png", "stage1_step2500.json", "stage1_step2500.png",
+        "stage1_step2500_renderer.json", "stage2_step600.json"]
 
 
 def test_ship_writes_records_that_the_manifest_guards(run_dir, tmp_path):
@@ -31,6 +44,11 @@ def test_ship_writes_records_that_the_manifest_guards(run_dir, tmp_path):
     assert record["subset"]["images"] == 8 and len(record["subset"]["codes"]) == 8
     assert json.loads((out / SUMMARY).read_text()) == {"renderer": {"psnr": 12.0}}
     assert shipped_dir("tiny", root=tmp_path) == out
+    assert (out / "eval" / "stage2_step600.json").read_text() == "stage2_step600.json"
+    (out / "eval" / "stage2_step600.json").write_text("edited")
+    with pytest.raises(ShippedFileError, match=r"eval/stage2_step600.json has SHA-256"):
+        shipped_dir("tiny", root=tmp_path)
+    (out / "eval" / "stage2_step600.json").write_text("stage2_step600.json")
     weights = out / "model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[:-10])
@@ -42,9 +60,34 @@ def test_ship_writes_records_that_the_manifest_guards(run_dir, tmp_path):
         shipped_dir("tiny", root=tmp_path)
     with pytest.raises(ShippedFileError, match="no shipped tokenizer 'other'"):
         shipped_dir("other", root=tmp_path)
-    shutil.rmtree(run_dir / "model")
-    with pytest.raises(SystemExit, match="is missing"):
+    (run_dir / "summary.json").rename(run_dir / "summary.moved")
+    with pytest.raises(SystemExit, match="summary.json is missing"):
         ship(run_dir, "again", "cmd", root=tmp_path)
+    (run_dir / "summary.moved").rename(run_dir / "summary.json")
+
+
+def test_install_lays_the_shipped_tokenizer_out_as_a_finished_run(run_dir, tmp_path):
+    root = tmp_path / "shipped"
+    ship(run_dir, "tiny", "cmd", root=root, subset=4)
+    digest = manifest_digest("tiny", root)
+    out = install("tiny", tmp_path / "demo" / "tokenizer", expect=digest, root=root)
+    tok = SelftokTokenizer.from_pretrained(out / "model")
+    shipped = SelftokTokenizer.from_pretrained(root / "tiny")
+    assert all(torch.equal(a, b) for a, b in zip(tok.state_dict().values(), shipped.state_dict().values()))
+    assert sorted(p.name for p in (out / "eval").iterdir()) == sorted(p.name for p in final_evals(run_dir / "eval"))
+    assert json.loads((out / "summary.json").read_text()) == {"renderer": {"psnr": 12.0}}
+    assert json.loads((out / "shipped.json").read_text())["manifest_sha256"] == digest
+    with pytest.raises(ShippedFileError, match=f"manifest has SHA-256 {digest}, expected 0+"):
+        install("tiny", tmp_path / "other", expect="0" * 64, root=root)
+    (root / "tiny" / "config.yaml").write_text("changed: true\n")
+    with pytest.raises(ShippedFileError, match="config.yaml has SHA-256"):
+        install("tiny", tmp_path / "other", root=root)
+    assert not (tmp_path / "other").exists()
+
+
+def test_install_command_reports_a_missing_tokenizer(tmp_path):
+    with pytest.raises(SystemExit, match="error: no shipped tokenizer 'no_such'"):
+        main(["install", "no_such", str(tmp_path / "out")])
 
 
 @pytest.mark.skipif("shapes" not in shipped_names(), reason="no shapes tokenizer shipped yet")

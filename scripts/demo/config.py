@@ -16,6 +16,16 @@ class StageSettings:
 
 
 @dataclasses.dataclass
+class TokenizerSettings(StageSettings):
+    """The tokenizer stage: a shipped tokenizer (configs/demo.yaml's default, as users of the paper start from
+    the released one) or a training run with `config` (`--retrain-tokenizer` empties `pretrained`)."""
+
+    pretrained: str = ""
+    """Name of a tokenizer shipped in ``selftok/pretrained/`` that the stage installs instead of training one;
+    "" trains one with `config` + `overrides`."""
+
+
+@dataclasses.dataclass
 class ShapesSettings:
     preview: int = 64
     """Training scenes exported for the report's look at the world."""
@@ -66,7 +76,7 @@ class DemoConfig:
     (all cores). 1 is much faster for tiny models on a busy machine: oversubscribed OpenMP threads make small
     ops up to ~40× slower (measured with the smoke VLM at load 12 on 2 cores)."""
     shapes: ShapesSettings = dataclasses.field(default_factory=ShapesSettings)
-    tokenizer: StageSettings = dataclasses.field(default_factory=StageSettings)
+    tokenizer: TokenizerSettings = dataclasses.field(default_factory=TokenizerSettings)
     pretokenize: StageSettings = dataclasses.field(default_factory=StageSettings)
     vlm: StageSettings = dataclasses.field(default_factory=StageSettings)
     evaluate: EvaluateSettings = dataclasses.field(default_factory=EvaluateSettings)

@@ -6,7 +6,8 @@
 Stages, in order; each runs the documented command line of its package in a subprocess (docs/demo.md):
 
     shapes       python -m selftok.shapes prompts / export    the held-out prompt list, scenes to look at
-    tokenizer    python -m selftok.train                      stage 1 (encoder, codebook, decoder) + stage 2 (renderer)
+    tokenizer    python -m selftok.pretrained install         the shipped tokenizer (default), or with
+                 python -m selftok.train                      --retrain-tokenizer: stages 0-2 of tokenizer.config
     pretokenize  python -m selftok.pretokenize                uint16 token shards of the training scenes
     vlm          python -m vlm.train                          text→image and image→text
     vlm_eval     python -m vlm.generate evaluate              held-out prompts → images → evaluator; captions
@@ -36,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from scripts.demo.config import DemoConfig, StageSettings
+from scripts.demo.config import DemoConfig, StageSettings, TokenizerSettings
 from scripts.demo.report import write_report
 from scripts.demo.runner import (
     EXIT_FAILED,
@@ -53,6 +54,7 @@ from scripts.demo.runner import (
     write_configs,
     write_json,
 )
+from selftok.pretrained import MANIFEST, ROOT as PRETRAINED, manifest_digest
 from selftok.runtime.config import ConfigError, apply_overrides, load_config, to_dict
 from selftok.runtime.io import read_json
 
@@ -73,8 +75,13 @@ def merged_config(settings: StageSettings, wiring: list[str]) -> dict[str, Any]:
 
 def image_size(cfg: DemoConfig) -> int:
     """The tokenizer's image side (its config's ``model.image_size``; 64 if the config does not say)."""
-    path = REPO / cfg.tokenizer.config
-    data = apply_overrides(yaml.safe_load(path.read_text()) or {}, cfg.tokenizer.overrides) if path.is_file() else {}
+    t = cfg.tokenizer
+    if t.pretrained:
+        path = PRETRAINED / t.pretrained / "config.yaml"
+        data = {"model": yaml.safe_load(path.read_text()) or {}} if path.is_file() else {}
+    else:
+        path = REPO / t.config
+        data = apply_overrides(yaml.safe_load(path.read_text()) or {}, t.overrides) if path.is_file() else {}
     size = (data.get("model") or {}).get("image_size", 64)
     return int(size)
 
@@ -118,6 +125,23 @@ def training_stage(name: str, title: str, module: str, settings: StageSettings, 
                  configs={name: merged_config(settings, wires)} if have else {}, needs=[settings.config])
 
 
+def tokenizer_stage(settings: TokenizerSettings, wires: list[str], out: Path) -> Stage:
+    """Install the shipped tokenizer (its manifest digest in the command, so a changed one redoes the stage
+    and every stage after it), or train one with the stage's config."""
+    outputs = ["tokenizer/model", "tokenizer/eval"]
+    required = ["tokenizer/model/model.safetensors", "tokenizer/model/config.yaml"]
+    if not settings.pretrained:
+        return training_stage("tokenizer", "train the tokenizer (stages 0-2: autoencoder, tokenizer, renderer)",
+                              "selftok.train", settings, wires, "tokenizer", outputs, required, out)
+    name = settings.pretrained
+    manifest = PRETRAINED / name / MANIFEST
+    digest = manifest_digest(name, PRETRAINED) if manifest.is_file() else "missing"
+    return Stage("tokenizer", f"install the shipped tokenizer {name!r}", "tokenizer", outputs, required,
+                 commands=[Command("selftok.pretrained", ["install", name, str(out / "tokenizer"),
+                                                          "--sha256", digest])],
+                 needs=[str(manifest)])
+
+
 def evaluate_stage(name: str, title: str, model: str, cfg: DemoConfig, out: Path) -> Stage:
     e = cfg.evaluate
     argv = ["evaluate", "--model", str(out / model), "--tokenizer", str(out / "tokenizer" / "model"),
@@ -132,9 +156,7 @@ def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
     w = wiring(out, size)
     return [
         shapes_stage(cfg, out, size),
-        training_stage("tokenizer", "train the tokenizer (stage 1) and its renderer (stage 2)", "selftok.train",
-                       cfg.tokenizer, w["tokenizer"], "tokenizer", ["tokenizer/model", "tokenizer/eval"],
-                       ["tokenizer/model/model.safetensors", "tokenizer/model/config.yaml"], out),
+        tokenizer_stage(cfg.tokenizer, w["tokenizer"], out),
         training_stage("pretokenize", "pre-tokenize the training scenes", "selftok.pretokenize", cfg.pretokenize,
                        w["pretokenize"], "tokens", ["tokens/manifest.json", "tokens/*.parquet"],
                        ["tokens/manifest.json"], out),
@@ -203,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true",
                    help=f"every stage with minimal sizes (about 3 minutes): {SMOKE_CONFIG}, output {SMOKE_OUT}")
     p.add_argument("--force", action="store_true", help="redo every stage instead of reusing finished ones")
+    p.add_argument("--retrain-tokenizer", action="store_true",
+                   help="train the tokenizer with tokenizer.config (the quick recipe) instead of installing the "
+                        "shipped one (tokenizer.pretrained)")
     p.add_argument("--out", default=None, help=f"output folder (default {DEFAULT_OUT}; {SMOKE_OUT} with --smoke)")
     p.add_argument("--config", default=None, help=f"demo config (default {DEFAULT_CONFIG})")
     p.add_argument("--until", default=None, help="stop after this stage (then write the report of what exists)")
@@ -217,7 +242,8 @@ def load_demo_config(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     path = args.config or (SMOKE_CONFIG if args.smoke else DEFAULT_CONFIG)
     path = path if Path(path).is_absolute() or Path(path).exists() else str(REPO / path)
     try:
-        return load_config(DemoConfig, path, args.overrides)
+        overrides = list(args.overrides) + (["tokenizer.pretrained="] if args.retrain_tokenizer else [])
+        return load_config(DemoConfig, path, overrides)
     except (ConfigError, FileNotFoundError) as e:
         parser.error(str(e))
         raise  # unreachable

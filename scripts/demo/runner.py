@@ -63,7 +63,8 @@ class Stage:
     configs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     """Resolved YAML configs written to configs/<key>.yaml and passed with --config."""
     needs: list[str] = dataclasses.field(default_factory=list)
-    """Repository files (stage configs) the stage cannot run without."""
+    """Files the stage cannot run without (stage configs, a shipped tokenizer's manifest), relative to the
+    repository root or absolute."""
 
 
 def unavailable(stage: Stage) -> str | None:
@@ -77,7 +78,7 @@ def unavailable(stage: Stage) -> str | None:
             return f"its command `python -m {command.module}` does not exist in this checkout"
     missing = [n for n in stage.needs if not (REPO / n).is_file()]
     if missing:
-        return f"its config {', '.join(missing)} does not exist in this checkout"
+        return f"{', '.join(missing)} does not exist in this checkout"
     return None
 
 

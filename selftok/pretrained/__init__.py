@@ -3,17 +3,22 @@
 A shipped tokenizer is a `save_pretrained` folder plus its records:
 
 - ``model.safetensors``, ``config.yaml`` — the tokenizer (load with `load_shipped`);
-- ``manifest.json`` — the SHA-256 of every file above; `shipped_dir` refuses a folder whose files no longer
-  match it, naming the file;
 - ``training_summary.json`` — the training run's ``summary.json`` (held-out figures of every stage, wall-clock);
+- ``eval/`` — the run's last held-out evaluation of each stage (``<stage>_step<N>*.json`` and grids);
 - ``evaluation.json`` — the command that produced it and the held-out figures of a small subset, recomputed
-  by the tests (``tests/test_shipped_tokenizer.py``) to show that the shipped files reproduce them.
+  by the tests (``tests/test_shipped_tokenizer.py``) to show that the shipped files reproduce them;
+- ``manifest.json`` — the SHA-256 of every other file; `shipped_dir` refuses a folder whose files no longer
+  match it, naming the file.
 
-Write one from a finished run with ``python -m selftok.pretrained RUN_DIR NAME --command "..."``.
+Write one from a finished run with ``python -m selftok.pretrained ship RUN_DIR NAME --command "..."``; put one
+where a training run would have left it (``OUT/model``, ``OUT/eval``, ``OUT/summary.json``, as the demo does)
+with ``python -m selftok.pretrained install NAME OUT``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,7 +26,7 @@ import torch
 from selftok.data.images import TransformConfig
 from selftok.data.sources import DataConfig, ShapesSourceConfig
 from selftok.model.tokenizer import SelftokTokenizer
-from selftok.runtime.io import sha256_file
+from selftok.runtime.io import replace_dir, sha256_file
 from selftok.training.evaluation import (EvalConfig, HeldOut, encode_heldout, judge_attributes, reconstruct,
                                          shape_accuracy, shape_confusion)
 from selftok.training.metrics import psnr
@@ -30,7 +35,8 @@ ROOT = Path(__file__).resolve().parent
 MANIFEST = "manifest.json"
 EVALUATION = "evaluation.json"
 SUMMARY = "training_summary.json"
-CHECKED_FILES = ("model.safetensors", "config.yaml")
+MODEL_FILES = ("model.safetensors", "config.yaml")
+EVAL_DIR = "eval"
 SUBSET = 32
 """Held-out images whose renderer figures `evaluation.json` records for the tests to recompute."""
 
@@ -86,7 +92,36 @@ def subset_figures(tok: SelftokTokenizer, n: int = SUBSET) -> dict:
 
 
 def write_manifest(directory: Path) -> dict[str, str]:
-    """Record the SHA-256 of `CHECKED_FILES` in ``directory/manifest.json``; returns them."""
-    digests = {f: sha256_file(directory / f) for f in CHECKED_FILES}
+    """Record the SHA-256 of every file under `directory` in ``directory/manifest.json``; returns them."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    digests = {p.relative_to(directory).as_posix(): sha256_file(p) for p in files}
     (directory / MANIFEST).write_text(json.dumps({"sha256": digests}, indent=2) + "\n")
     return digests
+
+
+def manifest_digest(name: str = "shapes", root: Path = ROOT) -> str:
+    """SHA-256 of the shipped tokenizer's manifest: one string that changes with any of its files."""
+    return hashlib.sha256((root / name / MANIFEST).read_bytes()).hexdigest()
+
+
+def install(name: str, out_dir: Path, expect: str | None = None, root: Path = ROOT) -> Path:
+    """Lay out the checked shipped tokenizer `name` as a finished `selftok.train` run in `out_dir`:
+    ``model/`` (the tokenizer), ``eval/`` (its held-out evaluations), ``summary.json`` and ``shipped.json``
+    (which tokenizer, its manifest digest). `expect`: the manifest digest the caller planned with (refused
+    when the shipped files changed since)."""
+    source = shipped_dir(name, root)
+    digest = manifest_digest(name, root)
+    if expect is not None and digest != expect:
+        raise ShippedFileError(f"shipped tokenizer {name!r} changed: its manifest has SHA-256 {digest}, "
+                               f"expected {expect}")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "model").mkdir(parents=True)
+    for f in MODEL_FILES:
+        shutil.copyfile(source / f, tmp / "model" / f)
+    shutil.copytree(source / EVAL_DIR, tmp / EVAL_DIR)
+    shutil.copyfile(source / SUMMARY, tmp / "summary.json")
+    (tmp / "shipped.json").write_text(json.dumps({"name": name, "source": str(source),
+                                                  "manifest_sha256": digest}, indent=2) + "\n")
+    replace_dir(tmp, out_dir)
+    return out_dir

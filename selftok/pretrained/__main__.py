@@ -1,9 +1,12 @@
-"""Ship a finished training run's tokenizer inside the package:
+"""Ship a finished training run's tokenizer inside the package, or lay a shipped one out as a run:
 
-    python -m selftok.pretrained RUN_DIR NAME --command "python -m selftok.train --config ..."
+    python -m selftok.pretrained ship RUN_DIR NAME --command "python -m selftok.train --config ..."
+    python -m selftok.pretrained install NAME OUT_DIR [--sha256 MANIFEST_DIGEST]
 
-Copies ``RUN_DIR/model`` to ``selftok/pretrained/NAME`` (replacing it atomically) with the run's summary, the
-subset figures the tests recompute, the command, and the manifest of checksums.
+``ship`` copies ``RUN_DIR/model`` to ``selftok/pretrained/NAME`` (replacing it atomically) with the run's
+summary, its last evaluation of each stage, the subset figures the tests recompute, the command, and the
+manifest of checksums. ``install`` checks the manifest and writes ``OUT_DIR/model``, ``OUT_DIR/eval`` and
+``OUT_DIR/summary.json``, where ``selftok.train`` would have (the demo's tokenizer stage).
 """
 from __future__ import annotations
 
@@ -11,24 +14,40 @@ import argparse
 import datetime
 import json
 import platform
+import re
 import shutil
 from pathlib import Path
 
 from selftok.model.tokenizer import SelftokTokenizer
-from selftok.pretrained import CHECKED_FILES, EVALUATION, ROOT, SUBSET, SUMMARY, subset_figures, write_manifest
+from selftok.pretrained import (EVAL_DIR, EVALUATION, MODEL_FILES, ROOT, SUBSET, SUMMARY, ShippedFileError,
+                                install, subset_figures, write_manifest)
 from selftok.runtime.io import replace_dir
+
+
+def final_evals(eval_dir: Path) -> list[Path]:
+    """The files of each stage's last held-out evaluation (``<stage>_step<N>*.json|png`` at the largest N)."""
+    last: dict[str, int] = {}
+    hits = []
+    for path in eval_dir.glob("*"):
+        m = re.fullmatch(r"(stage\d)_step0*(\d+)(?:_\w+)?\.(json|png)", path.name)
+        if m:
+            hits.append((m.group(1), int(m.group(2)), path))
+            last[m.group(1)] = max(last.get(m.group(1), -1), int(m.group(2)))
+    return sorted(p for stage, step, p in hits if step == last[stage])
 
 
 def ship(run_dir: Path, name: str, command: str, root: Path = ROOT, subset: int = SUBSET) -> Path:
     model, summary = run_dir / "model", run_dir / "summary.json"
-    for path in [model / f for f in CHECKED_FILES] + [summary]:
+    for path in [model / f for f in MODEL_FILES] + [summary]:
         if not path.is_file():
             raise SystemExit(f"{path} is missing: is {run_dir} a finished selftok.train run?")
     tmp = root / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in CHECKED_FILES:
+    (tmp / EVAL_DIR).mkdir(parents=True)
+    for f in MODEL_FILES:
         shutil.copyfile(model / f, tmp / f)
+    for path in final_evals(run_dir / "eval"):
+        shutil.copyfile(path, tmp / EVAL_DIR / path.name)
     shutil.copyfile(summary, tmp / SUMMARY)
     record = {"command": command, "run_dir": str(run_dir), "shipped": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -39,14 +58,25 @@ def ship(run_dir: Path, name: str, command: str, root: Path = ROOT, subset: int 
     return root / name
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run_dir", type=Path)
-    ap.add_argument("name")
-    ap.add_argument("--command", required=True, help="the exact command(s) that produced the run")
-    args = ap.parse_args()
-    out = ship(args.run_dir, args.name, args.command)
-    print(f"shipped {args.run_dir} as {out}")
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m selftok.pretrained", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("ship", help="copy a finished run's tokenizer into selftok/pretrained/NAME")
+    s.add_argument("run_dir", type=Path)
+    s.add_argument("name")
+    s.add_argument("--command", required=True, help="the exact command(s) that produced the run")
+    i = sub.add_parser("install", help="write a shipped tokenizer as a finished run: OUT_DIR/model, eval, summary")
+    i.add_argument("name")
+    i.add_argument("out_dir", type=Path)
+    i.add_argument("--sha256", default=None, help="refuse unless the shipped manifest has this SHA-256")
+    args = ap.parse_args(argv)
+    if args.command == "ship":
+        print(f"shipped {args.run_dir} as {ship(args.run_dir, args.name, args.command)}")
+        return
+    try:
+        print(f"installed shipped tokenizer {args.name!r} in {install(args.name, args.out_dir, args.sha256)}")
+    except ShippedFileError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
