@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="trained VLM folder (default: a demo-sized random Llama)")
     p.add_argument("--tokenizer", default=None, help="trained Selftok tokenizer folder (default: random weights)")
-    p.add_argument("--tokenizer-config", default=str(ROOT / "configs" / "tokenizer_shapes.yaml"),
+    p.add_argument("--tokenizer-config", default=str(ROOT / "configs" / "tokenizer_shapes_pixel.yaml"),
                    help="training config whose model section is timed with random weights")
     p.add_argument("--tokenizer-preset", default=None,
                    help="a selftok.model.presets name instead of --tokenizer-config")

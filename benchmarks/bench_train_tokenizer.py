@@ -1,7 +1,7 @@
 """Training throughput of the tokenizer stages, the fraction of the machine's matmul peak they reach, and each
 stage's share of a run's training time.
 
-    python benchmarks/bench_train_tokenizer.py [--config configs/tokenizer_shapes.yaml] [--steps 20]
+    python benchmarks/bench_train_tokenizer.py [--config configs/tokenizer_shapes_full.yaml] [--steps 20]
         [--threads N] [--device cpu|cuda] [--compile] [--out result.json] [overrides, e.g. run.attention=default]
 
 All numbers come from the same run: first the bf16 and fp32 matmul peaks (large square matmuls), then
@@ -111,7 +111,7 @@ def measure(step, batch: int, steps: int, warmup: int, device: torch.device) -> 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "tokenizer_shapes.yaml"))
+    p.add_argument("--config", default=str(ROOT / "configs" / "tokenizer_shapes_full.yaml"))
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)

@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import shutil
 import sys
 import time
@@ -669,6 +670,17 @@ def stage_finished(ctx: Context, name: str) -> bool:
     return (ctx.out_dir / name / "model" / "model.safetensors").exists()
 
 
+def last_evaluation(eval_dir: Path, name: str) -> list[Path]:
+    """The metrics files of stage `name`'s last held-out evaluation (the largest step; stage 1's joint
+    renderer has its own ``_renderer`` file at the same step)."""
+    found: dict[int, list[Path]] = {}
+    for path in eval_dir.glob(f"{name}_step*.json"):
+        m = re.fullmatch(rf"{name}_step(\d+)(_renderer)?\.json", path.name)
+        if m:
+            found.setdefault(int(m.group(1)), []).append(path)
+    return sorted(found[max(found)]) if found else []
+
+
 def load_finished_stage(ctx: Context, name: str) -> None:
     """Load a finished stage's exported weights (its trained parts) into the running tokenizer."""
     done = SelftokTokenizer.from_pretrained(ctx.out_dir / name / "model")
@@ -677,9 +689,8 @@ def load_finished_stage(ctx: Context, name: str) -> None:
         parts += ("renderer",)
     for part in parts:
         getattr(ctx.tok, part).load_state_dict(getattr(done, part).state_dict(), strict=True)
-    metrics_file = sorted((ctx.out_dir / "eval").glob(f"{name}_step*.json"))
-    if metrics_file:
-        data = json.loads(metrics_file[-1].read_text())
+    for path in last_evaluation(ctx.out_dir / "eval", name):
+        data = json.loads(path.read_text())
         ctx.results[data.pop("which")] = data
     log.info("%s already finished: loaded %s", name, ctx.out_dir / name / "model")
 

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from tokenizer_testutil import single_thread  # noqa: F401
 
 from selftok.model.presets import get_preset
@@ -25,6 +26,9 @@ def run_dir(tmp_path_factory):
     torch.manual_seed(0)
     SelftokTokenizer(get_preset("tiny")).save_pretrained(run / "model")
     (run / "summary.json").write_text(json.dumps({"renderer": {"psnr": 12.0}}))
+    (run / "config.yaml").write_text(
+        "eval:\n  data: {kind: shapes, shapes: {split: heldout, n: 6, seed: 0, size: 32}, "
+        "transform: {image_size: 32}}\n  num_images: 6\n  decoder_steps: 2\n  batch_size: 6\n")
     (run / "eval").mkdir()
     for name in EVAL_FILES:
         (run / "eval" / name).write_text(name)
@@ -42,6 +46,15 @@ def test_ship_writes_records_that_the_manifest_guards(run_dir, tmp_path):
     record = json.loads((out / EVALUATION).read_text())
     assert record["command"] == "python -m selftok.train --config x.yaml"
     assert record["subset"]["images"] == 8 and len(record["subset"]["codes"]) == 8
+    assert record["stored_dtype"] == "float16"
+    assert {"psnr", "attribute_preservation", "shape_accuracy"} <= set(record["heldout"]["renderer"])
+    assert record["heldout"]["decoder"]["decoder_steps"] == 2 and record["heldout"]["decoder"]["num_images"] == 6
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.float16}
+    trained = SelftokTokenizer.from_pretrained(run_dir / "model")
+    shipped = SelftokTokenizer.from_pretrained(out)
+    for (key, a), b in zip(trained.state_dict().items(), shipped.state_dict().values()):
+        assert b.dtype == a.dtype and torch.equal(b, a.to(torch.float16).to(a.dtype) if a.is_floating_point() else a), key
     assert json.loads((out / SUMMARY).read_text()) == {"renderer": {"psnr": 12.0}}
     assert shipped_dir("tiny", root=tmp_path) == out
     assert (out / "eval" / "stage2_step600.json").read_text() == "stage2_step600.json"
@@ -62,13 +75,13 @@ def test_ship_writes_records_that_the_manifest_guards(run_dir, tmp_path):
         shipped_dir("other", root=tmp_path)
     (run_dir / "summary.json").rename(run_dir / "summary.moved")
     with pytest.raises(SystemExit, match="summary.json is missing"):
-        ship(run_dir, "again", "cmd", root=tmp_path)
+        ship(run_dir, "again", "cmd", root=tmp_path, heldout=False)
     (run_dir / "summary.moved").rename(run_dir / "summary.json")
 
 
 def test_install_lays_the_shipped_tokenizer_out_as_a_finished_run(run_dir, tmp_path):
     root = tmp_path / "shipped"
-    ship(run_dir, "tiny", "cmd", root=root, subset=4)
+    ship(run_dir, "tiny", "cmd", root=root, subset=4, dtype=None, heldout=False)
     digest = manifest_digest("tiny", root)
     out = install("tiny", tmp_path / "demo" / "tokenizer", expect=digest, root=root)
     tok = SelftokTokenizer.from_pretrained(out / "model")

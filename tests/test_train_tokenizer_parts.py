@@ -273,7 +273,8 @@ def test_perceptual_loader_is_strict(tmp_path):
         load_perceptual(tmp_path / "bad.safetensors")
 
 
-@pytest.mark.parametrize("name", ["tokenizer_shapes", "tokenizer_smoke", "tokenizer_official_512",
+@pytest.mark.parametrize("name", ["tokenizer_shapes", "tokenizer_shapes_full", "tokenizer_shapes_pixel",
+                                  "tokenizer_smoke", "tokenizer_official_512",
                                   "tokenizer_official_1024", "renderer_official_512"])
 def test_shipped_configs_load_and_build(name):
     from pathlib import Path
@@ -304,3 +305,14 @@ def test_shape_confusion_reads_each_object_against_its_true_shape():
     assert table["circle"]["circle"] == 2
     assert shape_accuracy(table) == pytest.approx(4 / 6)
     assert shape_confusion(images, [None, None])["circle"]["circle"] == 0
+
+
+def test_last_evaluation_is_the_largest_step_not_the_last_name(tmp_path):
+    from selftok.train import last_evaluation
+    for name in ["stage0_step500.json", "stage0_step3000.json", "stage1_step500.json", "stage1_step2500.json",
+                 "stage1_step2500_renderer.json", "stage1_step2500.png", "stage2_step600.json"]:
+        (tmp_path / name).write_text("{}")
+    assert [p.name for p in last_evaluation(tmp_path, "stage0")] == ["stage0_step3000.json"]
+    assert [p.name for p in last_evaluation(tmp_path, "stage1")] == ["stage1_step2500.json",
+                                                                     "stage1_step2500_renderer.json"]
+    assert last_evaluation(tmp_path, "stage3") == []

@@ -181,8 +181,10 @@ def collect(cfg: DemoConfig, out: Path, stages: list[Stage], repo: Path) -> dict
     tok = tokenizer_section(out) if done.get("tokenizer") else None
     if tok is not None:
         model = read_yaml(out / "tokenizer" / "model" / "config.yaml") or {}
+        shipped = read_json(out / "tokenizer" / "shipped.json")
         report["tokenizer"] = {**tok, "K": get(model, "schedule.K"), "codebook_size": get(model, "quantizer.codebook_size"),
-                               "image_size": model.get("image_size")}
+                               "image_size": model.get("image_size"),
+                               "source": f"shipped:{shipped['name']}" if shipped else "trained by the demo"}
     vlm = eval_section(read_json(out / "vlm_eval" / "summary.json")) if done.get("vlm_eval") else None
     if vlm is not None or done.get("vlm"):
         report["vlm"] = {**(vlm or {}), "training": training_summary(out / "vlm", ("loss", "loss_t2i", "loss_i2t"))}
@@ -421,6 +423,16 @@ def md_tokenizer(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def tokenizer_source(r: dict[str, Any]) -> str:
+    source = get(r, "tokenizer.source") or ""
+    if source.startswith("shipped:"):
+        name = source.split(":", 1)[1]
+        return (f"The tokenizer shipped in `selftok/pretrained/{name}/` (its full training recipe, run once; "
+                "`--retrain-tokenizer` trains one with the quick recipe instead); its figures are those of its "
+                "own training run.")
+    return "The tokenizer trained by this demo (`tokenizer.config`)." if source else ""
+
+
 def md_rl_curve(r: dict[str, Any]) -> list[str]:
     """`rl.train`'s own held-out evaluations over its steps (its eval settings, see configs/rl.yaml)."""
     evals = get(r, "rl.eval_during_training") or []
@@ -470,8 +482,9 @@ def write_markdown(r: dict[str, Any], stages: list[Stage], out: Path) -> None:
         "square), so the held-out scores measure compositional generalisation."), "",
         *image_md(images, "world", "training scenes"),
         f"## 2. The tokenizer: {K or '—'} tokens per image, codebook of {C or '—'}",
-        ("Stage 1 trains the encoder, the codebook and a diffusion decoder; stage 2 a one-step renderer. "
-        "Held-out scenes, original | reconstruction pairs. *Attribute preservation* = share of "
+        (f"{tokenizer_source(r)} With a learned latent, stage 0 trains its small autoencoder (as SD3's VAE is for "
+        "the official tokenizer); stage 1 the encoder, the codebook and a diffusion decoder; stage 2 a "
+        "one-step renderer. Held-out scenes, original | reconstruction pairs. *Attribute preservation* = share of "
         "reconstructions whose every object keeps its shape, colour, count and relative position."), "",
         *md_tokenizer(r), "",
         *image_md(images, "reconstructions_renderer", "renderer reconstructions"),

@@ -189,12 +189,15 @@ class SelftokTokenizer(nn.Module):
                 part.to(dtype)
         return self
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``model.safetensors`` and ``config.yaml`` (enough to rebuild with `from_pretrained`)."""
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write ``model.safetensors`` and ``config.yaml`` (enough to rebuild with `from_pretrained`).
+        `dtype` (e.g. torch.float16) stores the floating-point tensors in it, half the file; loading casts
+        them back to the model's own dtypes."""
         from safetensors.torch import save_file
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
+                 for k, v in self.state_dict().items()}
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "library": "selftok"})
         tmp.replace(directory / WEIGHTS_NAME)
@@ -225,6 +228,9 @@ class SelftokTokenizer(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         check_state_dict(model, state)
+        own = model.state_dict()  # a file stored in another float dtype computes in the model's own dtypes
+        state = {k: v.to(own[k].dtype) if v.is_floating_point() and v.dtype != own[k].dtype else v
+                 for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 

@@ -3,9 +3,10 @@
     python -m selftok.pretrained ship RUN_DIR NAME --command "python -m selftok.train --config ..."
     python -m selftok.pretrained install NAME OUT_DIR [--sha256 MANIFEST_DIGEST]
 
-``ship`` copies ``RUN_DIR/model`` to ``selftok/pretrained/NAME`` (replacing it atomically) with the run's
-summary, its last evaluation of each stage, the subset figures the tests recompute, the command, and the
-manifest of checksums. ``install`` checks the manifest and writes ``OUT_DIR/model``, ``OUT_DIR/eval`` and
+``ship`` copies ``RUN_DIR/model`` to ``selftok/pretrained/NAME`` (replacing it atomically; floats stored in
+float16, half the file — the tokenizer still computes in fp32) with the run's summary, its last evaluation of
+each stage, the stored weights' own figures on the run's held-out set and on the subset the tests recompute,
+the command, and the manifest of checksums. ``install`` checks the manifest and writes ``OUT_DIR/model``, ``OUT_DIR/eval`` and
 ``OUT_DIR/summary.json``, where ``selftok.train`` would have (the demo's tokenizer stage).
 """
 from __future__ import annotations
@@ -16,12 +17,18 @@ import json
 import platform
 import re
 import shutil
+import tempfile
 from pathlib import Path
+
+import torch
+import yaml
 
 from selftok.model.tokenizer import SelftokTokenizer
 from selftok.pretrained import (EVAL_DIR, EVALUATION, MODEL_FILES, ROOT, SUBSET, SUMMARY, ShippedFileError,
                                 install, subset_figures, write_manifest)
+from selftok.runtime.config import from_dict
 from selftok.runtime.io import replace_dir
+from selftok.training.evaluation import EvalConfig, HeldOut, encode_heldout, evaluate_stage
 
 
 def final_evals(eval_dir: Path) -> list[Path]:
@@ -36,22 +43,40 @@ def final_evals(eval_dir: Path) -> list[Path]:
     return sorted(p for stage, step, p in hits if step == last[stage])
 
 
-def ship(run_dir: Path, name: str, command: str, root: Path = ROOT, subset: int = SUBSET) -> Path:
+def heldout_figures(tok: SelftokTokenizer, run_dir: Path, work: Path) -> dict:
+    """The shipped weights' figures on the run's own held-out evaluation (its pinned ``eval`` config): the
+    renderer and, when there is one, the diffusion decoder."""
+    pinned = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    cfg = from_dict(EvalConfig, pinned.get("eval"), "eval")
+    held = HeldOut(cfg)
+    codes = encode_heldout(tok, held, cfg.batch_size)
+    parts = [p for p in ("renderer", "decoder") if getattr(tok, p) is not None]
+    return {p: evaluate_stage(tok, held, codes, cfg, p, work, p, autocast=False) for p in parts}
+
+
+def ship(run_dir: Path, name: str, command: str, root: Path = ROOT, subset: int = SUBSET,
+         dtype: torch.dtype | None = torch.float16, heldout: bool = True) -> Path:
+    """Copy the run's tokenizer (its floats stored in `dtype`: half the file; it computes in fp32) and
+    records into ``root/name``; `heldout` re-evaluates the stored weights on the run's held-out set."""
     model, summary = run_dir / "model", run_dir / "summary.json"
-    for path in [model / f for f in MODEL_FILES] + [summary]:
+    for path in [model / f for f in MODEL_FILES] + [summary, run_dir / "config.yaml"]:
         if not path.is_file():
             raise SystemExit(f"{path} is missing: is {run_dir} a finished selftok.train run?")
     tmp = root / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / EVAL_DIR).mkdir(parents=True)
-    for f in MODEL_FILES:
-        shutil.copyfile(model / f, tmp / f)
+    SelftokTokenizer.from_pretrained(model).save_pretrained(tmp, dtype=dtype)
     for path in final_evals(run_dir / "eval"):
         shutil.copyfile(path, tmp / EVAL_DIR / path.name)
     shutil.copyfile(summary, tmp / SUMMARY)
+    tok = SelftokTokenizer.from_pretrained(tmp)
     record = {"command": command, "run_dir": str(run_dir), "shipped": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-              "subset": subset_figures(SelftokTokenizer.from_pretrained(tmp), subset)}
+              "stored_dtype": str(dtype or "as trained").replace("torch.", ""),
+              "subset": subset_figures(tok, subset)}
+    if heldout:
+        with tempfile.TemporaryDirectory() as work:
+            record["heldout"] = heldout_figures(tok, run_dir, Path(work))
     (tmp / EVALUATION).write_text(json.dumps(record) + "\n")
     write_manifest(tmp)
     replace_dir(tmp, root / name)
