@@ -85,7 +85,7 @@ def ship(run_dir: Path, name: str, command: str, root: Path = ROOT, subset: int 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m selftok.pretrained", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="action", required=True)
     s = sub.add_parser("ship", help="copy a finished run's tokenizer into selftok/pretrained/NAME")
     s.add_argument("run_dir", type=Path)
     s.add_argument("name")
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("out_dir", type=Path)
     i.add_argument("--sha256", default=None, help="refuse unless the shipped manifest has this SHA-256")
     args = ap.parse_args(argv)
-    if args.command == "ship":
+    if args.action == "ship":
         print(f"shipped {args.run_dir} as {ship(args.run_dir, args.name, args.command)}")
         return
     try:
