@@ -68,8 +68,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = train_mod.Stage1Objective.forward
 
-    def poisoned(self, latents, fb, mix):
-        loss, per_sample, metrics = original(self, latents, fb, mix)
+    def poisoned(self, latents, fb, mix, shape_factor=1.0):
+        loss, per_sample, metrics = original(self, latents, fb, mix, shape_factor)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 6 else loss), per_sample, metrics
 
