@@ -29,7 +29,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 import shutil
 import sys
 import time
@@ -62,7 +61,8 @@ from selftok.runtime.runs import (
     save_checkpoint,
 )
 from selftok.training import objectives
-from selftok.training.evaluation import EvalConfig, HeldOut, encode_heldout, evaluate_autoencoder, evaluate_stage
+from selftok.training.evaluation import (EvalConfig, HeldOut, encode_heldout, evaluate_autoencoder, evaluate_stage,
+                                        last_evaluations)
 from selftok.training.perceptual import load_perceptual
 from selftok.training.shape_net import ShapeNet, ShapeNetConfig, label_maps, train_shape_net
 from selftok.training.stages import (
@@ -670,17 +670,6 @@ def stage_finished(ctx: Context, name: str) -> bool:
     return (ctx.out_dir / name / "model" / "model.safetensors").exists()
 
 
-def last_evaluation(eval_dir: Path, name: str) -> list[Path]:
-    """The metrics files of stage `name`'s last held-out evaluation (the largest step; stage 1's joint
-    renderer has its own ``_renderer`` file at the same step)."""
-    found: dict[int, list[Path]] = {}
-    for path in eval_dir.glob(f"{name}_step*.json"):
-        m = re.fullmatch(rf"{name}_step(\d+)(_renderer)?\.json", path.name)
-        if m:
-            found.setdefault(int(m.group(1)), []).append(path)
-    return sorted(found[max(found)]) if found else []
-
-
 def load_finished_stage(ctx: Context, name: str) -> None:
     """Load a finished stage's exported weights (its trained parts) into the running tokenizer."""
     done = SelftokTokenizer.from_pretrained(ctx.out_dir / name / "model")
@@ -689,7 +678,8 @@ def load_finished_stage(ctx: Context, name: str) -> None:
         parts += ("renderer",)
     for part in parts:
         getattr(ctx.tok, part).load_state_dict(getattr(done, part).state_dict(), strict=True)
-    for path in last_evaluation(ctx.out_dir / "eval", name):
+    _, files = last_evaluations(ctx.out_dir / "eval").get(name, (0, []))
+    for path in (p for p in files if p.suffix == ".json"):
         data = json.loads(path.read_text())
         ctx.results[data.pop("which")] = data
     log.info("%s already finished: loaded %s", name, ctx.out_dir / name / "model")

@@ -12,7 +12,7 @@ from selftok.model.presets import get_preset
 from selftok.model.tokenizer import SelftokTokenizer
 from selftok.pretrained import (EVALUATION, ROOT, SUMMARY, ShippedFileError, install, load_shipped,
                                 manifest_digest, shipped_dir, shipped_names, subset_figures)
-from selftok.pretrained.__main__ import final_evals, main, ship
+from selftok.pretrained.__main__ import main, ship
 
 EVAL_FILES = ["stage0_step500.json", "stage0_step1000.json", "stage0_step1000.png", "stage1_step500.json",
               "stage1_step2500.json", "stage1_step2500_renderer.json", "stage1_step2500.png", "stage2_step600.json",
@@ -33,12 +33,6 @@ def run_dir(tmp_path_factory):
     for name in EVAL_FILES:
         (run / "eval" / name).write_text(name)
     return run
-
-
-def test_final_evals_are_each_stages_last_step(run_dir):
-    assert [p.name for p in final_evals(run_dir / "eval")] == [
-        "stage0_step1000.json", "stage0_step1000.png", "stage1_step2500.json", "stage1_step2500.png",
-        "stage1_step2500_renderer.json", "stage2_step600.json"]
 
 
 def test_ship_writes_records_that_the_manifest_guards(run_dir, tmp_path):
@@ -87,7 +81,9 @@ def test_install_lays_the_shipped_tokenizer_out_as_a_finished_run(run_dir, tmp_p
     tok = SelftokTokenizer.from_pretrained(out / "model")
     shipped = SelftokTokenizer.from_pretrained(root / "tiny")
     assert all(torch.equal(a, b) for a, b in zip(tok.state_dict().values(), shipped.state_dict().values()))
-    assert sorted(p.name for p in (out / "eval").iterdir()) == sorted(p.name for p in final_evals(run_dir / "eval"))
+    assert sorted(p.name for p in (out / "eval").iterdir()) == [  # each stage's last evaluation
+        "stage0_step1000.json", "stage0_step1000.png", "stage1_step2500.json", "stage1_step2500.png",
+        "stage1_step2500_renderer.json", "stage2_step600.json"]
     assert json.loads((out / "summary.json").read_text()) == {"renderer": {"psnr": 12.0}}
     assert json.loads((out / "shipped.json").read_text())["manifest_sha256"] == digest
     with pytest.raises(ShippedFileError, match=f"manifest has SHA-256 {digest}, expected 0+"):

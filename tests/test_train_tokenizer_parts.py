@@ -307,12 +307,14 @@ def test_shape_confusion_reads_each_object_against_its_true_shape():
     assert shape_confusion(images, [None, None])["circle"]["circle"] == 0
 
 
-def test_last_evaluation_is_the_largest_step_not_the_last_name(tmp_path):
-    from selftok.train import last_evaluation
+def test_last_evaluations_are_the_largest_step_not_the_last_name(tmp_path):
+    from selftok.training.evaluation import last_evaluations
     for name in ["stage0_step500.json", "stage0_step3000.json", "stage1_step500.json", "stage1_step2500.json",
-                 "stage1_step2500_renderer.json", "stage1_step2500.png", "stage2_step600.json"]:
+                 "stage1_step2500_renderer.json", "stage1_step2500.png", "stage2_step600.json", "notes.json",
+                 "stage2_step600.txt"]:
         (tmp_path / name).write_text("{}")
-    assert [p.name for p in last_evaluation(tmp_path, "stage0")] == ["stage0_step3000.json"]
-    assert [p.name for p in last_evaluation(tmp_path, "stage1")] == ["stage1_step2500.json",
-                                                                     "stage1_step2500_renderer.json"]
-    assert last_evaluation(tmp_path, "stage3") == []
+    found = {stage: (step, [p.name for p in files]) for stage, (step, files) in last_evaluations(tmp_path).items()}
+    assert found == {"stage0": (3000, ["stage0_step3000.json"]),
+                     "stage1": (2500, ["stage1_step2500.json", "stage1_step2500.png", "stage1_step2500_renderer.json"]),
+                     "stage2": (600, ["stage2_step600.json"])}
+    assert last_evaluations(tmp_path / "missing") == {}

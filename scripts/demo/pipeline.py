@@ -54,7 +54,7 @@ from scripts.demo.runner import (
     write_configs,
     write_json,
 )
-from selftok.pretrained import MANIFEST, ROOT as PRETRAINED, manifest_digest
+from selftok.pretrained import MANIFEST, ROOT as PRETRAINED, manifest_digest, shipped_config
 from selftok.runtime.config import ConfigError, apply_overrides, load_config, to_dict
 from selftok.runtime.io import read_json
 
@@ -77,13 +77,10 @@ def image_size(cfg: DemoConfig) -> int:
     """The tokenizer's image side (its config's ``model.image_size``; 64 if the config does not say)."""
     t = cfg.tokenizer
     if t.pretrained:
-        path = PRETRAINED / t.pretrained / "config.yaml"
-        data = {"model": yaml.safe_load(path.read_text()) or {}} if path.is_file() else {}
-    else:
-        path = REPO / t.config
-        data = apply_overrides(yaml.safe_load(path.read_text()) or {}, t.overrides) if path.is_file() else {}
-    size = (data.get("model") or {}).get("image_size", 64)
-    return int(size)
+        return shipped_config(t.pretrained, PRETRAINED).image_size
+    path = REPO / t.config
+    data = apply_overrides(yaml.safe_load(path.read_text()) or {}, t.overrides) if path.is_file() else {}
+    return int((data.get("model") or {}).get("image_size", 64))
 
 
 def wiring(out: Path, size: int) -> dict[str, list[str]]:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import platform
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from scripts.demo.runner import Stage
 from selftok.runtime.config import to_dict
 from selftok.runtime.io import read_json, write_atomic
 from selftok.shapes import CATEGORIES, heldout_prompts, make_example, paired_change
+from selftok.training.evaluation import last_evaluations
 
 log = logging.getLogger("demo")
 
@@ -67,12 +67,8 @@ def get(data: dict[str, Any], dotted: str) -> Any:
 
 def tokenizer_evals(out: Path) -> dict[str, tuple[int, Path]]:
     """{stage1|stage2: (step, json path)} of the newest held-out evaluation of each training stage."""
-    found: dict[str, tuple[int, Path]] = {}
-    for path in (out / "tokenizer" / "eval").glob("*.json"):
-        m = re.fullmatch(r"(stage[12])_step0*(\d+)\.json", path.name)
-        if m and int(m.group(2)) >= found.get(m.group(1), (-1, path))[0]:
-            found[m.group(1)] = (int(m.group(2)), path)
-    return found
+    return {stage: (step, main) for stage, (step, files) in last_evaluations(out / "tokenizer" / "eval").items()
+            for main in files if stage in ("stage1", "stage2") and main.name == f"{stage}_step{step}.json"}
 
 
 def tokenizer_section(out: Path) -> dict[str, Any] | None:

@@ -25,7 +25,8 @@ import torch
 
 from selftok.data.images import TransformConfig
 from selftok.data.sources import DataConfig, ShapesSourceConfig
-from selftok.model.tokenizer import SelftokTokenizer
+from selftok.model.tokenizer import CONFIG_NAME, SelftokTokenizer, TokenizerConfig
+from selftok.runtime.config import load_config
 from selftok.runtime.io import replace_dir, sha256_file
 from selftok.training.evaluation import (EvalConfig, HeldOut, encode_heldout, judge_attributes, reconstruct,
                                          shape_accuracy, shape_confusion)
@@ -67,6 +68,11 @@ def shipped_dir(name: str = "shapes", root: Path = ROOT) -> Path:
             raise ShippedFileError(f"shipped tokenizer {name!r}: {path} has SHA-256 {actual}, but {manifest} "
                                    f"records {digest} (a changed, truncated or Git-LFS-pointer file)")
     return directory
+
+
+def shipped_config(name: str = "shapes", root: Path = ROOT) -> TokenizerConfig:
+    """The config of shipped tokenizer `name`, read without checking or loading its weights."""
+    return load_config(TokenizerConfig, root / name / CONFIG_NAME)
 
 
 def load_shipped(name: str = "shapes", device: str = "cpu") -> SelftokTokenizer:

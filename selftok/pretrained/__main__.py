@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import platform
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,19 +27,7 @@ from selftok.pretrained import (EVAL_DIR, EVALUATION, MODEL_FILES, ROOT, SUBSET,
                                 install, subset_figures, write_manifest)
 from selftok.runtime.config import from_dict
 from selftok.runtime.io import replace_dir
-from selftok.training.evaluation import EvalConfig, HeldOut, encode_heldout, evaluate_stage
-
-
-def final_evals(eval_dir: Path) -> list[Path]:
-    """The files of each stage's last held-out evaluation (``<stage>_step<N>*.json|png`` at the largest N)."""
-    last: dict[str, int] = {}
-    hits = []
-    for path in eval_dir.glob("*"):
-        m = re.fullmatch(r"(stage\d)_step0*(\d+)(?:_\w+)?\.(json|png)", path.name)
-        if m:
-            hits.append((m.group(1), int(m.group(2)), path))
-            last[m.group(1)] = max(last.get(m.group(1), -1), int(m.group(2)))
-    return sorted(p for stage, step, p in hits if step == last[stage])
+from selftok.training.evaluation import EvalConfig, HeldOut, encode_heldout, evaluate_stage, last_evaluations
 
 
 def heldout_figures(tok: SelftokTokenizer, run_dir: Path, work: Path) -> dict:
@@ -66,7 +53,7 @@ def ship(run_dir: Path, name: str, command: str, root: Path = ROOT, subset: int 
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / EVAL_DIR).mkdir(parents=True)
     SelftokTokenizer.from_pretrained(model).save_pretrained(tmp, dtype=dtype)
-    for path in final_evals(run_dir / "eval"):
+    for path in (p for _, files in last_evaluations(run_dir / "eval").values() for p in files):
         shutil.copyfile(path, tmp / EVAL_DIR / path.name)
     shutil.copyfile(summary, tmp / SUMMARY)
     tok = SelftokTokenizer.from_pretrained(tmp)

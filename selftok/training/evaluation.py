@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +158,20 @@ def save_pairs(originals: Tensor, recons: Tensor, path: Path, n: int, per_row: i
     n = min(n, originals.shape[0])
     pairs = torch.stack([originals[:n], recons[:n]], dim=1).flatten(0, 1)  # o0, r0, o1, r1, ...
     save_grid(to_pil_images(pairs), path, ncols=2 * min(per_row, n), pad=0)
+
+
+EVAL_FILE = re.compile(r"(stage\d)_step0*(\d+)(?:_(\w+))?\.(json|png)")
+
+
+def last_evaluations(eval_dir: Path) -> dict[str, tuple[int, list[Path]]]:
+    """{stage: (step, files)} of each stage's last held-out evaluation in `eval_dir`: the files named
+    ``<stage>_step<N>[_<part>].json|png`` at the largest N (numerically: step 500 comes before 3000)."""
+    found: dict[str, dict[int, list[Path]]] = {}
+    for path in Path(eval_dir).glob("stage*_step*"):
+        m = EVAL_FILE.fullmatch(path.name)
+        if m:
+            found.setdefault(m.group(1), {}).setdefault(int(m.group(2)), []).append(path)
+    return {stage: (max(steps), sorted(steps[max(steps)])) for stage, steps in sorted(found.items())}
 
 
 def encode_heldout(tok: SelftokTokenizer, held: HeldOut, batch_size: int) -> Tensor:
