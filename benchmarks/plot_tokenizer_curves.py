@@ -7,8 +7,7 @@ first run's last evaluation.
 
 Reads each run's pinned ``config.yaml`` (batch sizes) and its ``eval/stage{1,2}_step*.json`` files (stage 1's
 joint renderer: ``stage1_stepN_renderer.json``; stage 2 trains the renderer alone). Images seen count the
-stage-1 and stage-2 batches (stage 0, the autoencoder, is not counted: it sees pixels, not tokens). Needs
-matplotlib (``pip install -e ".[plots]"``).
+stage-1 and stage-2 batches (stage 0, the autoencoder, is not counted: it sees pixels, not tokens).
 """
 from __future__ import annotations
 

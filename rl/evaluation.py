@@ -16,7 +16,7 @@ from PIL import Image
 from rl.rollout import render, sample_images
 from rl.state import RLState
 from selftok.runtime.grid import save_grid
-from selftok.shapes import category_means
+from selftok.shapes import category_means, category_standard_errors, overall_standard_error
 from vlm.sampler import image_seed
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,13 @@ def evaluate(state: RLState) -> dict[str, Any]:
 def summarize_eval(entries: Sequence[dict[str, Any]], scores: Sequence[float], details: Sequence[dict[str, Any]],
                    metric: str) -> dict[str, Any]:
     """Per-category mean (accuracy for the program metric) and overall = mean of the categories (GenEval)."""
-    values = ((str(e.get("tag", "text")), float(d.get("correct", False)) if metric == "program" else s)
-              for e, s, d in zip(entries, scores, details))
-    overall, cats, counts = category_means((tag, v) for tag, v in values if math.isfinite(v))
-    return {"overall": overall, "per_category": cats, "counts": counts, "n": len(entries)}
+    rows = [(str(e.get("tag", "text")), str(e.get("prompt")), float(d.get("correct", False)) if metric == "program"
+             else s) for e, s, d in zip(entries, scores, details)]
+    rows = [r for r in rows if math.isfinite(r[2])]
+    overall, cats, counts = category_means((tag, v) for tag, _, v in rows)
+    return {"overall": overall, "per_category": cats, "counts": counts, "n": len(entries),
+            "overall_standard_error": overall_standard_error(rows),
+            "per_category_standard_error": category_standard_errors(rows)}
 
 
 def grid_indices(state: RLState) -> list[int]:

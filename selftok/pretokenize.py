@@ -50,6 +50,7 @@ from selftok.loaders.official import load_tokenizer
 from selftok.model.tokenizer import SelftokTokenizer
 from selftok.runtime.cli import entry_point, parse_run_config, run_parser, setup_logging
 from selftok.runtime.config import config_diff, to_dict
+from selftok.runtime.io import state_dict_sha256
 from selftok.runtime.runs import finish_distributed
 
 log = logging.getLogger(__name__)
@@ -126,16 +127,6 @@ def tokenizer_from(cfg: TokenizerSourceConfig) -> SelftokTokenizer:
     if cfg.path is None and cfg.official is None:
         raise ValueError("no tokenizer: set tokenizer.path (a save_pretrained directory) or tokenizer.official")
     return load_tokenizer(cfg.path or cfg.official, cfg.official_yaml, cfg.vae_path)
-
-
-def state_dict_sha256(model: torch.nn.Module) -> str:
-    """sha256 over the state dict in name order (name, dtype, shape, raw bytes): independent of file format."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def vae_sha256(path: str | None) -> str | None:

@@ -243,7 +243,14 @@ def test_smoke_report_holds_the_keys(smoke):
         assert change["change"] == pytest.approx(report["rl"]["geneval_heldout"]["overall"]
                                                  - report["vlm"]["geneval_heldout"]["overall"])
         assert "change after RL (paired" in (out / "report.md").read_text()
-        assert (out / "heldout_before_after.png").is_file()
+        assert (out / "heldout_before_after.png").is_file() and (out / "rl_curve.png").is_file()
+        drops = [report["vlm"]["geneval_heldout"][c] - report["rl"]["geneval_heldout"][c] for c in CATEGORIES]
+        assert report["rl"]["largest_category_drop"] == pytest.approx(max(drops))
+        curve = report["rl"]["eval_during_training"]
+        assert curve[0]["step"] == 0 and all("per_category_standard_error" in e for e in curve)
+        assert set(report["acceptance"]) >= {"rl.change_vs_vlm.change >= 0.1",
+                                             "rl.change_vs_vlm.standard_error <= 0.03",
+                                             "rl.largest_category_drop <= 0.05"}
 
 
 def test_rerun_reuses_then_detects_broken_outputs(smoke):

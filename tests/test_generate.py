@@ -10,6 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from selftok.runtime.io import state_dict_sha256
 from vlm.sampler import (
     generate_image_tokens,
     generate_text,
@@ -261,7 +262,8 @@ def pair_dirs(tmp_path_factory, image_tokenizer):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     text_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                        unk_token="<unk>")
-    vocab = Vocabulary.extend_tokenizer(text_tok, codebook_size=image_tokenizer.codebook_size, K=image_tokenizer.K)
+    vocab = Vocabulary.extend_tokenizer(text_tok, codebook_size=image_tokenizer.codebook_size, K=image_tokenizer.K,
+                                        image_tokenizer_sha256=state_dict_sha256(image_tokenizer))
     model = tiny_llama(vocab.model_vocab_size, seed=5)
     model.save_pretrained(root / "vlm")
     text_tok.save_pretrained(root / "vlm")
@@ -305,6 +307,13 @@ def test_a_mismatched_model_and_tokenizer_pair_is_refused(tmp_path, pair_dirs, v
         load_pipeline(pair_dirs[0], tmp_path / "tok32")
     with pytest.raises(VocabularyError, match="K: model 8, tokenizer 16"):
         check_pair(vocab, SelftokTokenizer(get_preset("tiny")))
+    # the same sizes, other weights (another training run): the codes would mean something else
+    pipe = load_pipeline(*pair_dirs)
+    torch.manual_seed(123)
+    SelftokTokenizer(pipe.image_tokenizer.cfg).save_pretrained(tmp_path / "retrained")
+    recorded = pipe.vocab.image_tokenizer_sha256
+    with pytest.raises(VocabularyError, match=f"tokenizer with weights {recorded[:16]}.*retrained has "):
+        load_pipeline(pair_dirs[0], tmp_path / "retrained")
 
 
 def test_cli_t2i_writes_images_grid_and_settings(tmp_path, pair_dirs):

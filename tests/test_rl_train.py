@@ -131,6 +131,18 @@ def test_geneval_prompt_file_loads():
 
 
 # ---------------------------------------------------------------------------------------------- loop
+def test_heldout_summary_has_per_prompt_standard_errors():
+    from rl.evaluation import summarize_eval
+    entries = [{"tag": t, "prompt": p} for t, p in [("a", "p"), ("a", "p"), ("a", "q"), ("a", "q"), ("b", "r"),
+                                                     ("b", "s"), ("b", "s")]]
+    correct = [1, 1, 0, 0, 1, 0, 1]
+    out = summarize_eval(entries, [0.0] * 7, [{"correct": bool(c)} for c in correct], "program")
+    assert out["per_category"] == {"a": 0.5, "b": pytest.approx(2 / 3)} and out["overall"] == pytest.approx(7 / 12)
+    # a: prompt means 1, 0 -> s.e. 0.5; b: prompt means 1, 0.5 -> s.e. 0.25; overall sqrt(0.25 + 0.0625) / 2
+    assert out["per_category_standard_error"] == {"a": pytest.approx(0.5), "b": pytest.approx(0.25)}
+    assert out["overall_standard_error"] == pytest.approx(0.3125 ** 0.5 / 2)
+
+
 def test_nan_rewards_dropped_and_counted(artifacts, tmp_path):
     state = setup(_load(tiny_config(artifacts, tmp_path / "run")))
     real = state.reward

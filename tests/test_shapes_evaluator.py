@@ -19,6 +19,7 @@ from selftok.shapes import (
     Scene,
     SpecError,
     aggregate,
+    category_standard_errors,
     detect_objects,
     evaluate_image,
     judge,
@@ -105,6 +106,9 @@ def test_standard_error_treats_prompts_as_the_sampled_units():
     rows = [("a", "p", 1), ("a", "p", 1), ("a", "q", 0), ("a", "q", 0),
             ("b", "r", 1), ("b", "r", 0), ("b", "s", 0), ("b", "s", 1)]
     assert overall_standard_error(rows) == pytest.approx(0.25)
+    assert category_standard_errors(rows) == {"a": pytest.approx(0.5), "b": 0.0}
+    assert category_standard_errors([("a", "p", 1), ("b", "q", 1), ("b", "r", 0)]) == {"a": None,
+                                                                                       "b": pytest.approx(0.5)}
     # the same four outcomes as independent images of four prompts would give a smaller error
     assert overall_standard_error([("a", str(i), v) for i, v in enumerate((1, 1, 0, 0))]) == pytest.approx(
         (1 / 3 / 4) ** 0.5)

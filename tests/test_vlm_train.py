@@ -54,6 +54,7 @@ def test_tiny_run_learns_and_saves_a_loadable_model(shards, tmp_path):
         assert sum(tail) / len(tail) < 0.9 * baselines[f"unigram_{task}"], (task, tail, baselines)
     vocab = Vocabulary.load(final)
     assert vocab == Vocabulary.load(run) and vocab.K == 8 and vocab.codebook_size == 40
+    assert vocab.image_tokenizer_sha256 == "test"  # the shards' tokenizer, which vlm.pipeline then requires
     model = AutoModelForCausalLM.from_pretrained(final)
     tokenizer = AutoTokenizer.from_pretrained(final)
     assert model.get_input_embeddings().weight.shape[0] == vocab.model_vocab_size

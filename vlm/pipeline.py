@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selftok.model.tokenizer import SelftokTokenizer
 from selftok.runtime.grid import image_grid, pil_to_tensor, to_pil_images
-from selftok.runtime.io import IMAGE_SUFFIXES, write_atomic
+from selftok.runtime.io import IMAGE_SUFFIXES, state_dict_sha256, write_atomic
 from vlm.sampler import ImageTokens, device_of, generate_images, generate_text, image_seed
 from vlm.sampling import SamplingPolicy
 from vlm.vocab import Vocabulary, VocabularyError, tokenizer_fingerprint
@@ -41,10 +41,15 @@ class Pipeline:
 
 
 def check_pair(vocab: Vocabulary, image_tokenizer: Any, model: torch.nn.Module | None = None,
-               text_tokenizer: Any = None) -> None:
-    """Refuse a model whose vocabulary record disagrees with the image tokenizer (K, codebook size), with its
-    own embedding size, or with its text tokenizer."""
+               text_tokenizer: Any = None, tokenizer_dir: str | Path = "the image tokenizer") -> None:
+    """Refuse a model whose vocabulary record disagrees with the image tokenizer (K, codebook size, the weights
+    that made its training codes), with its own embedding size, or with its text tokenizer."""
     problems = []
+    if vocab.image_tokenizer_sha256:
+        actual = state_dict_sha256(image_tokenizer)
+        if actual != vocab.image_tokenizer_sha256:
+            problems.append(f"the model was trained on the codes of the tokenizer with weights "
+                            f"{vocab.image_tokenizer_sha256[:16]}… (vocab.json), {tokenizer_dir} has {actual[:16]}…")
     if vocab.K != image_tokenizer.K:
         problems.append(f"K: model {vocab.K}, tokenizer {image_tokenizer.K}")
     if vocab.codebook_size != image_tokenizer.codebook_size:
@@ -69,10 +74,9 @@ def load_pipeline(model_dir: str | Path, tokenizer_dir: str | Path, device: str 
     vocab = Vocabulary.load(model_dir)
     image_tokenizer = SelftokTokenizer.from_pretrained(tokenizer_dir, vae_path=vae_path, device=device).eval()
     text_tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    check_pair(vocab, image_tokenizer, text_tokenizer=text_tokenizer)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
                                                  attn_implementation=attn_implementation).to(device).eval()
-    check_pair(vocab, image_tokenizer, model)
+    check_pair(vocab, image_tokenizer, model, text_tokenizer, tokenizer_dir)
     return Pipeline(model, vocab, text_tokenizer, image_tokenizer, str(model_dir), str(tokenizer_dir))
 
 

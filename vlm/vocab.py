@@ -75,6 +75,9 @@ class Vocabulary:
     """Embedding rows are padded to a multiple of this (tensor-core friendly shapes)."""
     text_tokenizer_sha256: str = ""
     """Hash of the extended text tokenizer's token->id table; a resume with another tokenizer is refused."""
+    image_tokenizer_sha256: str = ""
+    """`selftok.runtime.io.state_dict_sha256` of the Selftok tokenizer that made the training codes (from the token
+    shards' manifest); `vlm.pipeline.check_pair` refuses another one. Empty = not recorded (not checked)."""
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -229,7 +232,7 @@ class Vocabulary:
     # ---- construction from a tokenizer ---------------------------------------------------------------
     @classmethod
     def extend_tokenizer(cls, tokenizer: Any, codebook_size: int, K: int, order: str = AR_ORDER,
-                         pad_multiple: int = 64) -> Vocabulary:
+                         pad_multiple: int = 64, image_tokenizer_sha256: str = "") -> Vocabulary:
         """Add <boi>/<eoi>/<uncond> (and a missing <bos>/<eos>/<pad>) to a HF tokenizer in place; return the layout.
 
         Idempotent: calling it again on an already extended tokenizer adds nothing and gives the same layout."""
@@ -250,7 +253,8 @@ class Vocabulary:
         return cls(visual_offset=len(tokenizer), codebook_size=codebook_size, K=K, order=order,
                    bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                    boi_id=ids[0], eoi_id=ids[1], uncond_id=ids[2], added_ids=added, pad_multiple=pad_multiple,
-                   text_tokenizer_sha256=tokenizer_fingerprint(tokenizer))
+                   text_tokenizer_sha256=tokenizer_fingerprint(tokenizer),
+                   image_tokenizer_sha256=image_tokenizer_sha256)
 
     @classmethod
     def from_manifest(cls, tokenizer: Any, manifest: Any, pad_multiple: int = 64) -> Vocabulary:
@@ -258,7 +262,8 @@ class Vocabulary:
         if not isinstance(manifest, ShardManifest):
             manifest = ShardManifest.from_dict(dict(manifest))
         return cls.extend_tokenizer(tokenizer, codebook_size=manifest.codebook_size, K=manifest.K,
-                                    order=manifest.order, pad_multiple=pad_multiple)
+                                    order=manifest.order, pad_multiple=pad_multiple,
+                                    image_tokenizer_sha256=(manifest.tokenizer or {}).get("checkpoint_sha256") or "")
 
 
 def encode_caption(tokenizer: Any, caption: str) -> list[int]:

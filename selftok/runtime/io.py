@@ -1,4 +1,5 @@
-"""Files: the image suffix list, atomic text writes, atomic directory swaps, tolerant JSON reads, file digests."""
+"""Files: the image suffix list, atomic text writes, atomic directory swaps, tolerant JSON reads, file and
+state-dict digests."""
 from __future__ import annotations
 
 import hashlib
@@ -7,6 +8,8 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+import torch
 
 #: The file suffixes read as images everywhere (image folders, webdataset members, generated-image folders).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -40,4 +43,14 @@ def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the state dict in name order (name, dtype, shape, raw bytes): independent of file format."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

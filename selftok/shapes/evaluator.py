@@ -440,21 +440,27 @@ def aggregate(judgements: Iterable[Judgement]) -> Scores:
                   n=len(judgements), n_errors=n_errors)
 
 
-def overall_standard_error(rows: Iterable[tuple[str, str, float]]) -> float | None:
-    """Standard error of a GenEval `overall` (the mean over categories of per-category accuracies).
+def category_standard_errors(rows: Iterable[tuple[str, str, float]]) -> dict[str, float | None]:
+    """Standard error of each category's mean, {category: SE}.
 
     `rows`: (category, prompt, value) per image; value = 1/0 for a correct/incorrect image, or an image's
     after − before difference for a paired comparison. The prompts are the sampled units: images of one prompt
-    (several seeds) are not independent draws, so each category's variance is that of its per-prompt means
-    over its number of prompts. None when a category has fewer than two prompts."""
+    (several seeds) are not independent draws, so a category's variance is that of its per-prompt means over
+    its number of prompts. None for a category with fewer than two prompts."""
     per: dict[str, dict[str, list[float]]] = {}
     for tag, prompt, value in rows:
         per.setdefault(tag, {}).setdefault(prompt, []).append(float(value))
-    if not per or any(len(prompts) < 2 for prompts in per.values()):
+    return {tag: math.sqrt(statistics.variance([sum(v) / len(v) for v in prompts.values()]) / len(prompts))
+            if len(prompts) >= 2 else None for tag, prompts in per.items()}
+
+
+def overall_standard_error(rows: Iterable[tuple[str, str, float]]) -> float | None:
+    """Standard error of a GenEval `overall` (the mean over categories of per-category means; rows and
+    sampled units as in `category_standard_errors`). None when a category has fewer than two prompts."""
+    errors = category_standard_errors(rows)
+    if not errors or None in errors.values():
         return None
-    variance = sum(statistics.variance([sum(v) / len(v) for v in prompts.values()]) / len(prompts)
-                   for prompts in per.values())
-    return math.sqrt(variance) / len(per)
+    return math.sqrt(sum(se * se for se in errors.values())) / len(errors)
 
 
 def paired_change(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, Any]:
