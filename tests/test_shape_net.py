@@ -29,7 +29,7 @@ def test_label_maps_from_sample_metadata():
         label_maps([json.dumps({"tag": "x"})], 16)
 
 
-@pytest.mark.parametrize("distance", ["features", "logits", "object_logits"])
+@pytest.mark.parametrize("distance", ["features", "logits"])
 def test_shape_distance_is_zero_on_equal_inputs_and_trains_only_the_prediction(distance):
     torch.manual_seed(0)
     net = ShapeNet(4, 4, width=16, map_size=16, depth=3, distance=distance).requires_grad_(False)
@@ -53,11 +53,7 @@ def test_logits_distance_is_the_kl_of_the_read_shapes():
     p, q = torch.softmax(net(target), 1), torch.softmax(net(pred), 1)
     expected = (p * (p.log() - q.log())).sum(1).mean((1, 2))
     assert torch.allclose(shape_distance(net, pred, target), expected, atol=1e-6)
-    net.distance = "object_logits"  # the same KL, averaged over cells weighted by P(not background | target)
-    w = 1 - p[:, 0]
-    kl = (p * (p.log() - q.log())).sum(1)
-    assert torch.allclose(shape_distance(net, pred, target), (w * kl).sum((1, 2)) / w.sum((1, 2)), atol=1e-6)
-    with pytest.raises(ValueError, match="features, logits or object_logits"):
+    with pytest.raises(ValueError, match="features or logits"):
         ShapeNetConfig(distance="edges")
 
 
