@@ -49,7 +49,8 @@ def check_pair(vocab: Vocabulary, image_tokenizer: Any, model: torch.nn.Module |
         actual = state_dict_sha256(image_tokenizer)
         if actual != vocab.image_tokenizer_sha256:
             problems.append(f"the model was trained on the codes of the tokenizer with weights "
-                            f"{vocab.image_tokenizer_sha256[:16]}… (vocab.json), {tokenizer_dir} has {actual[:16]}…")
+                            f"{vocab.image_tokenizer_sha256[:16]}… (vocab.json), "
+                            f"{tokenizer_dir} has {actual[:16]}…")
     if vocab.K != image_tokenizer.K:
         problems.append(f"K: model {vocab.K}, tokenizer {image_tokenizer.K}")
     if vocab.codebook_size != image_tokenizer.codebook_size:

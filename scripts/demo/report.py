@@ -190,10 +190,10 @@ def collect(cfg: DemoConfig, out: Path, stages: list[Stage], repo: Path) -> dict
     if rl is not None or done.get("rl"):
         report["rl"] = {**(rl or {}), "training": training_summary(out / "rl", ("reward_mean", "train_accuracy")),
                         "eval_during_training": read_jsonl(out / "rl" / "eval.jsonl")}
-        change = rl_change(out) if vlm is not None and rl is not None else None
-        if change is not None:
-            report["rl"]["change_vs_vlm"] = change
         if vlm is not None and rl is not None:
+            change = rl_change(out)
+            if change is not None:
+                report["rl"]["change_vs_vlm"] = change
             report["rl"]["largest_category_drop"] = largest_drop(vlm["geneval_heldout"], rl["geneval_heldout"])
     timing = {n: r["seconds"] for n, r in done.items() if r is not None}
     report["timing"] = {**timing, "total": sum(timing.values())}
