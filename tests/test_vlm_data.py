@@ -58,57 +58,6 @@ def test_hand_checked_sequences():
     assert loss_token_count(b) == 5
 
 
-def test_caption_input_dropout_replaces_inputs_and_keeps_targets():
-    s = i2t_sample(VOCAB, CODES, [10, 11, 12], max_len=32, dropped=[True, False, True])
-    assert s.input_ids == [1, 100, 108, 103, 110, 101, 102, 11, 102, 2]
-    assert s.labels == [X, X, X, X, X, X, 10, 11, 12, 2]
-
-
-def test_prompt_word_dropout_replaces_prompt_words_only():
-    s = t2i_sample(VOCAB, [10, 11, 12], CODES, max_len=32, dropped=[False, True, False])
-    plain = t2i_sample(VOCAB, [10, 11, 12], CODES, max_len=32)
-    assert s.input_ids == [1, 10, 102, 12, *plain.input_ids[4:]] and s.labels == plain.labels
-
-
-def test_stream_prompt_word_dropout_only_touches_kept_t2i_prompts(shards):
-    plain = make_stream(shards, t2i_weight=1.0, i2t_weight=1.0).samples(range(40))
-    dropped = make_stream(shards, t2i_weight=1.0, i2t_weight=1.0, prompt_word_dropout=0.5).samples(range(40))
-    uncond, replaced = shards[1].uncond_id, 0
-    for a, b in zip(plain, dropped):
-        assert a.labels == b.labels and a.task == b.task and len(a.input_ids) == len(b.input_ids)
-        if a.task != T2I or a.input_ids[1] == uncond:  # i2t and condition-dropped rows are untouched
-            assert a.input_ids == b.input_ids
-            continue
-        diff = [(x, y) for x, y in zip(a.input_ids, b.input_ids) if x != y]
-        assert all(y == uncond for _, y in diff)
-        replaced += len(diff)
-    assert replaced > 0
-
-
-def test_stream_caption_input_dropout_is_deterministic_and_only_touches_i2t(shards):
-    plain = make_stream(shards, t2i_weight=1.0, i2t_weight=1.0).samples(range(40))
-    dropped = make_stream(shards, t2i_weight=1.0, i2t_weight=1.0, caption_input_dropout=0.5).samples(range(40))
-    assert dropped == make_stream(shards, t2i_weight=1.0, i2t_weight=1.0,
-                                  caption_input_dropout=0.5).samples(range(40))
-    replaced = kept = 0
-    for a, b in zip(plain, dropped):
-        assert a.labels == b.labels and a.task == b.task  # same images, tasks, captions and targets
-        if a.task != I2T:
-            assert a.input_ids == b.input_ids
-            continue
-        for x, y, t in zip(a.input_ids, b.input_ids, a.labels):
-            if t == X:
-                assert x == y  # the image prompt is never touched
-            elif x != y:
-                assert y == shards[1].uncond_id
-                replaced += 1
-            else:
-                kept += 1
-    assert 0.3 < replaced / (replaced + kept) < 0.7
-    with pytest.raises(ValueError, match="caption_input_dropout must be in"):
-        DataConfig(caption_input_dropout=1.5)
-
-
 def test_truncation_keeps_image_tokens_and_rejects_what_cannot_fit():
     long = list(range(10, 40))
     s = t2i_sample(VOCAB, long, CODES, max_len=8)  # K + 4 specials leave one caption token

@@ -54,12 +54,6 @@ class DataConfig:
     """Mixing weights of the three tasks (normalised; a zero weight disables the task)."""
     cond_dropout: float = 0.1
     """Fraction of t2i samples whose caption becomes <uncond> (classifier-free guidance)."""
-    caption_input_dropout: float = 0.0
-    """Share of an i2t caption's *input* tokens replaced by <uncond>, the targets unchanged (word dropout): each
-    word is then predicted from the image more than from the words before it."""
-    prompt_word_dropout: float = 0.0
-    """Share of a (kept) t2i caption's tokens replaced by <uncond> (word dropout on the prompt): the image is
-    then generated from partial descriptions too, so each word's part in it is learned on its own."""
     packing: bool = False
     """Pack several samples per row (block-diagonal attention via reset position ids) instead of padding."""
     caption_choice: Literal["random", "first"] = "random"
@@ -71,9 +65,8 @@ class DataConfig:
         w = (self.t2i_weight, self.i2t_weight, self.text_weight)
         if min(w) < 0 or sum(w) <= 0:
             raise ValueError(f"task weights must be >= 0 with a positive sum, got {w}")
-        for name in ("cond_dropout", "caption_input_dropout", "prompt_word_dropout"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.cond_dropout <= 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1], got {self.cond_dropout}")
         if self.max_len < 8:
             raise ValueError(f"max_len must be >= 8, got {self.max_len}")
         if self.pad_multiple < 1:
@@ -99,28 +92,22 @@ class Batch(dict):
 
 
 # ---------------------------------------------------------------------------------------------------- samples
-def t2i_sample(vocab: Vocabulary, caption_ids: Sequence[int] | None, codes: Any, max_len: int,
-               dropped: Sequence[bool] | None = None) -> Sample:
-    """Text->image sample; `caption_ids=None` gives the unconditional prompt. Captions are truncated to fit;
-    dropped[i] replaces caption token i by <uncond>."""
+def t2i_sample(vocab: Vocabulary, caption_ids: Sequence[int] | None, codes: Any, max_len: int) -> Sample:
+    """Text->image sample; `caption_ids=None` gives the unconditional prompt. Captions are truncated to fit."""
     budget = max_len - (vocab.K + 4)  # <bos> <boi> ... <eoi> <eos>
     if budget < 1:
         raise SampleTooLong(f"K={vocab.K} image tokens need a context of at least {vocab.K + 5}, got {max_len}")
     if caption_ids is not None and len(caption_ids) == 0:
         caption_ids = None  # an empty caption is no condition: train it as the unconditional prompt
-    prompt = vocab.uncond_prompt() if caption_ids is None else \
-        vocab.t2i_prompt(drop_words(vocab, list(caption_ids)[:budget], dropped))
+    prompt = vocab.uncond_prompt() if caption_ids is None else vocab.t2i_prompt(list(caption_ids)[:budget])
     target = [*vocab.codes_to_ids(np.asarray(codes)).tolist(), vocab.eoi_id, vocab.eos_id]
     if len(target) != vocab.K + 2:
         raise VocabularyError(f"expected K={vocab.K} codes, got {len(target) - 2}")
     return Sample(prompt + target, [IGNORE] * len(prompt) + target, T2I)
 
 
-def i2t_sample(vocab: Vocabulary, codes: Any, caption_ids: Sequence[int], max_len: int,
-               dropped: Sequence[bool] | None = None) -> Sample:
-    """Image->text sample; a caption too long for the context is cut and then has no <eos> target.
-
-    dropped[i] replaces the *input* caption token i by <uncond> (its target stays)."""
+def i2t_sample(vocab: Vocabulary, codes: Any, caption_ids: Sequence[int], max_len: int) -> Sample:
+    """Image->text sample; a caption too long for the context is cut and then has no <eos> target."""
     prompt = vocab.i2t_prompt(codes)
     budget = max_len - len(prompt)
     if budget < 1:
@@ -128,14 +115,7 @@ def i2t_sample(vocab: Vocabulary, codes: Any, caption_ids: Sequence[int], max_le
     if len(caption_ids) == 0:
         raise ValueError("an image->text sample needs a non-empty caption")
     target = [*caption_ids, vocab.eos_id][:budget]
-    return Sample(prompt + drop_words(vocab, target, dropped), [IGNORE] * len(prompt) + target, I2T)
-
-
-def drop_words(vocab: Vocabulary, ids: list[int], dropped: Sequence[bool] | None) -> list[int]:
-    """`ids` with id i replaced by <uncond> where dropped[i] (ids past the mask's end are kept)."""
-    if dropped is None:
-        return ids
-    return [vocab.uncond_id if i < len(dropped) and dropped[i] else t for i, t in enumerate(ids)]
+    return Sample(prompt + target, [IGNORE] * len(prompt) + target, I2T)
 
 
 def text_sample(vocab: Vocabulary, caption_ids: Sequence[int], max_len: int) -> Sample:
@@ -237,16 +217,14 @@ class EpochPlan:
     task: np.ndarray     # (N,) task per slot
     drop: np.ndarray     # (N,) bool, condition dropout for t2i
     pick: np.ndarray     # (N,) float in [0, 1), which caption
-    words: np.ndarray    # (N,) uint32 seed of the slot's caption word dropout
 
 
 def epoch_plan(seed: int, epoch: int, n: int, weights: Sequence[float], cond_dropout: float) -> EpochPlan:
-    """The deterministic draws of one epoch (`words` drawn last, so the other draws predate it unchanged)."""
+    """The deterministic draws of one epoch."""
     rng = np.random.default_rng([seed, epoch])
     p = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
     return EpochPlan(perm=rng.permutation(n), task=rng.choice(len(p), size=n, p=p),
-                     drop=rng.random(n) < cond_dropout, pick=rng.random(n),
-                     words=rng.integers(0, 2**32, size=n, dtype=np.uint32))
+                     drop=rng.random(n) < cond_dropout, pick=rng.random(n))
 
 
 class MixedStream:
@@ -281,13 +259,12 @@ class MixedStream:
                 weights = (self.cfg.t2i_weight, self.cfg.i2t_weight, self.cfg.text_weight)
                 self._plan = (epoch, epoch_plan(self.cfg.seed, epoch, n, weights, self.cfg.cond_dropout))
             plan = self._plan[1]
-            slots.append((int(plan.perm[slot]), int(plan.task[slot]), bool(plan.drop[slot]), float(plan.pick[slot]),
-                          int(plan.words[slot])))
+            slots.append((int(plan.perm[slot]), int(plan.task[slot]), bool(plan.drop[slot]), float(plan.pick[slot])))
         codes, captions, ids = self.source.rows([s[0] for s in slots])
-        return [self._build(task, drop, pick, words, codes[j], captions[j], ids[j])
-                for j, (_, task, drop, pick, words) in enumerate(slots)]
+        return [self._build(task, drop, pick, codes[j], captions[j], ids[j])
+                for j, (_, task, drop, pick) in enumerate(slots)]
 
-    def _build(self, task: int, drop: bool, pick: float, words: int, codes: np.ndarray, captions: list[str],
+    def _build(self, task: int, drop: bool, pick: float, codes: np.ndarray, captions: list[str],
                sample_id: str) -> Sample:
         caption = None
         if captions:
@@ -295,15 +272,11 @@ class MixedStream:
             caption = list(self._encode(captions[k])) or None
         try:
             if task == I2T and caption is not None:
-                dropped = word_mask(words, len(caption), self.cfg.caption_input_dropout)
-                return i2t_sample(self.vocab, codes, caption, self.cfg.max_len, dropped)
+                return i2t_sample(self.vocab, codes, caption, self.cfg.max_len)
             if task == TEXT and caption is not None:
                 return text_sample(self.vocab, caption, self.cfg.max_len)
-            if task == T2I and caption is not None and not drop:
-                dropped = word_mask(words, len(caption), self.cfg.prompt_word_dropout)
-                return t2i_sample(self.vocab, caption, codes, self.cfg.max_len, dropped)
-            # condition dropout, or a task that needs a caption on an image without one: unconditional t2i
-            return t2i_sample(self.vocab, None, codes, self.cfg.max_len)
+            # t2i, or a task that needs a caption on an image without one: unconditional t2i
+            return t2i_sample(self.vocab, None if (task == T2I and drop) else caption, codes, self.cfg.max_len)
         except VocabularyError as e:
             raise VocabularyError(f"sample {sample_id!r}: {e}") from e
 
@@ -327,11 +300,6 @@ class MixedStream:
         self.position += sum(len(r) for r in rows)
         full = collate_packed([[pending[j] for j in r] for r in rows], self.vocab.pad_id, self.cfg.max_len)
         return _rows(full, mine), loss_token_count(full)
-
-
-def word_mask(seed: int, n: int, rate: float) -> np.ndarray | None:
-    """The slot's word-dropout mask: n coins with P(True) = rate from the slot's seed; None when rate is 0."""
-    return np.random.default_rng(seed).random(n) < rate if rate > 0 else None
 
 
 def _rows(batch: Batch, rows: slice) -> Batch:

@@ -82,18 +82,17 @@ def evaluate_captions(pipe: Pipeline, n: int, batch_size: int = 16, max_new_toke
 
 def evaluate_shapes(pipe: Pipeline, policy: SamplingPolicy, out: Path, record: dict[str, Any],
                     n_per_prompt: int = 1, n_captions: int = 96, decoder: str = "renderer", steps: int = 50,
-                    batch_size: int = 16, max_new_tokens: int = 32,
-                    caption_policy: SamplingPolicy | None = None, caption_seed: int = 0) -> dict[str, Any]:
-    """Both evaluations → out/summary.json (+ images, t2i_report.json, captions.json); captions are greedy
-    unless `caption_policy` says otherwise, of the held-out scenes of stream seed `caption_seed` (0: the
-    evaluation's; another seed gives other scenes of the same held-out combinations, a development set)."""
+                    batch_size: int = 16, max_new_tokens: int = 32, caption_seed: int = 0) -> dict[str, Any]:
+    """Both evaluations → out/summary.json (+ images, t2i_report.json, captions.json). Captions are of the
+    held-out scenes of stream seed `caption_seed` (0: the evaluation's; another seed gives other scenes of the
+    same held-out combinations, a development set for choosing settings)."""
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"t2i": evaluate_t2i(pipe, policy, out, record, n_per_prompt, decoder, steps,
                                                    batch_size)}
     log.info("held-out t2i: overall %.3f (standard error over prompts %s) %s", summary["t2i"]["overall"],
              summary["t2i"]["overall_standard_error"], summary["t2i"]["per_category"])
     if n_captions > 0:
-        captions = evaluate_captions(pipe, n_captions, batch_size, max_new_tokens, caption_policy, caption_seed)
+        captions = evaluate_captions(pipe, n_captions, batch_size, max_new_tokens, seed=caption_seed)
         write_atomic(out / "captions.json", json.dumps(captions, indent=2) + "\n")
         summary["captions"] = {k: v for k, v in captions.items() if k != "captions"}
         log.info("held-out captions: accuracy %.3f (exact %.3f)", captions["accuracy"], captions["exact_match"])

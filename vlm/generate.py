@@ -63,10 +63,8 @@ def check_settings(args: argparse.Namespace) -> SamplingPolicy:
     text = args.verb == "caption"
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if text and policy.vocabulary == "visual":
-        raise ValueError("captions need --vocabulary text (or all)")
-    if getattr(args, "caption_cfg_scale", 1.0) < 0:
-        raise ValueError(f"--caption-cfg-scale must be >= 0, got {args.caption_cfg_scale}")
+    if text and (policy.guided or policy.vocabulary == "visual"):
+        raise ValueError("captions need --cfg-scale 1 and --vocabulary text (or all)")
     if not text and policy.vocabulary == "text":
         raise ValueError("images need --vocabulary visual (or all)")
     if not text and (args.n_per_prompt < 1 or (args.decoder == "diffusion" and args.steps < 1)):
@@ -118,8 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--question", default=None, help="ask this about every image instead of captioning")
         if name == "evaluate":
             p.add_argument("--n-captions", type=int, default=96, help="held-out scenes to caption (0: skip)")
-            p.add_argument("--caption-cfg-scale", type=float, default=1.0,
-                           help="guidance of the greedy captions against the image-free text prior (1: none)")
     return parser
 
 
@@ -145,10 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             write_captions(pipe, Path(args.images), policy, Path(args.out), record, args.question,
                            args.max_new_tokens, args.batch_size, args.seed)
         else:
-            caption_policy = SamplingPolicy.greedy_text(args.caption_cfg_scale)
-            record["caption_sampling"] = to_dict(caption_policy)
             evaluate_shapes(pipe, policy, Path(args.out), record, args.n_per_prompt, args.n_captions,
-                            args.decoder, args.steps, args.batch_size, args.max_new_tokens, caption_policy, args.seed)
+                            args.decoder, args.steps, args.batch_size, args.max_new_tokens, args.seed)
     return 0
 
 

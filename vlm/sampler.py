@@ -225,12 +225,10 @@ def generate_text(model: torch.nn.Module, vocab: Vocabulary, text_tokenizer: Any
     """Caption images (or answer `questions` about them) from their (N, K) codes in ENCODER order.
 
     The prompt is ``<bos> <boi> v_1 … v_K <eoi> [question]``; sampling is restricted to the text ids and
-    stops at <eos>. Default policy: greedy (`SamplingPolicy.greedy_text`).
-
-    A guided policy (cfg_scale != 1) mixes in the *image-free* branch ``<bos> [question]`` — the text prior,
-    which a model learns from the text-only task (`data.text_weight` > 0) — as ``prior + s·(image − prior)``:
-    words the image makes likelier than the text alone does gain, continuations the text alone dictates lose."""
+    stops at <eos>. Default policy: greedy (`SamplingPolicy.greedy_text`)."""
     policy = policy or SamplingPolicy.greedy_text()
+    if policy.guided:
+        raise ValueError("cfg_scale must be 1 for image->text sampling (no unconditional image branch)")
     if policy.vocabulary == "visual":
         raise ValueError("vocabulary='visual' cannot sample text; use 'text' (or 'all')")
     n = codes.shape[0]
@@ -247,18 +245,16 @@ def generate_text(model: torch.nn.Module, vocab: Vocabulary, text_tokenizer: Any
         raise ValueError(f"max_new_tokens={max_new_tokens} does not fit the model's context ({context}) after "
                          f"the {vocab.K + 3}-token image prompt")
     ar_codes = ar_to_encoder_order(codes)  # the flip is its own inverse: encoder order -> AR order
-    prompts, priors = [], []
+    prompts = []
     for i, c in enumerate(ar_codes):
         question = encode_caption(text_tokenizer, questions[i]) if questions else []
         if len(question) > room:
             log.warning("question of %d tokens truncated to %d: %r", len(question), room, questions[i][:80])
         prompts.append(vocab.i2t_prompt(c) + question[:room])
-        priors.append([vocab.bos_id] + question[:room])
     texts = []
     for start in tqdm(range(0, n, batch_size), desc="captions", disable=not progress):
-        chunk = slice(start, start + batch_size)
-        out = sample_tokens(model, prompts[chunk], policy, allowed, max_new_tokens, seeds[chunk], vocab.pad_id,
-                            uncond_prompts=priors[chunk] if policy.guided else None, stop_id=vocab.eos_id)
+        out = sample_tokens(model, prompts[start:start + batch_size], policy, allowed, max_new_tokens,
+                            seeds[start:start + batch_size], vocab.pad_id, stop_id=vocab.eos_id)
         for row, keep in zip(out.token_ids.tolist(), out.mask.tolist()):
             row = [t for t, k in zip(row, keep) if k and t != vocab.eos_id]
             texts.append(text_tokenizer.decode(row, skip_special_tokens=True).strip())

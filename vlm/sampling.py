@@ -83,10 +83,9 @@ class SamplingPolicy:
         return any(s != 1.0 for s in ends)
 
     @classmethod
-    def greedy_text(cls, cfg_scale: float = 1.0) -> SamplingPolicy:
-        """Deterministic captioning / answering: the most likely text id at every step (guided against the
-        image-free text prior when `cfg_scale` != 1, `vlm.sampler.generate_text`)."""
-        return cls(cfg_scale=cfg_scale, top_k=1, vocabulary="text")
+    def greedy_text(cls) -> SamplingPolicy:
+        """Deterministic captioning / answering: the most likely text id at every step."""
+        return cls(cfg_scale=1.0, top_k=1, vocabulary="text")
 
 
 def cfg_scales(policy: SamplingPolicy, positions: Tensor, num_positions: int) -> Tensor:
