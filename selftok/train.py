@@ -722,8 +722,8 @@ def train(cfg: TrainConfig) -> Context:
         for name in STAGES:
             if stage_config(cfg, name).steps == 0:
                 continue
-            if name == "stage1" and cfg.shape_net.steps:
-                prepare_shape_net(ctx)
+            if name != "stage0" and cfg.shape_net.steps and ctx.shape_net is None:
+                prepare_shape_net(ctx)  # before the first stage whose objective uses it (stage 2 alone too)
             if stage_finished(ctx, name):
                 load_finished_stage(ctx, name)
             else:

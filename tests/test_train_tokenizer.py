@@ -131,3 +131,23 @@ def test_jointly_trained_renderer_is_evaluated_in_stage_one(tmp_path):
     assert {"decoder", "renderer"} <= results.keys()
     assert json.loads((out / "eval" / "stage1_step4_renderer.json").read_text())["which"] == "renderer"
     assert json.loads((out / "eval" / "stage1_step4.json").read_text())["which"] == "decoder"
+
+
+def test_stage_two_alone_continues_a_tokenizer_with_the_shape_term(tmp_path):
+    """init.tokenizer + stage 2 only (configs/tokenizer_shapes_full_renderer.yaml): the shape net is trained
+    although stage 1 is skipped, and only the renderer changes, so the codes stay those of the start."""
+    learned = ["model.latent.kind=autoencoder", "model.latent.factor=4",
+               "model.latent.autoencoder={block_out_channels: [8, 16, 32]}", "stage0.batch_size=8",
+               "stage0.normalisation_images=32", "shape_net.images=32", "shape_net.batch_size=8",
+               "eval.num_images=0", "run.tensorboard=false"]
+    first = tmp_path / "first"
+    run(first, *learned, "stage0.steps=4", "stage1.steps=4", "stage2.steps=0", "shape_net.steps=0")
+    second = tmp_path / "second"
+    results = run(second, *learned, f"init.tokenizer={first / 'model'}", "stage0.steps=0", "stage1.steps=0",
+                  "stage2.steps=4", "shape_net.steps=4", "stage2.shape_weight=1")
+    assert "shape_net" in results and (second / "shape_net" / "model.safetensors").is_file()
+    start, end = (load_file(str(d / "model" / "model.safetensors")) for d in (first, second))
+    assert start.keys() == end.keys()
+    assert all(torch.equal(start[n], end[n]) for n in start if not n.startswith("renderer.")), "codes changed"
+    w = "renderer.joint_blocks.0.x_block.attn.qkv.weight"
+    assert not torch.equal(start[w], end[w]), "the renderer did not train"
