@@ -134,7 +134,7 @@ def test_jointly_trained_renderer_is_evaluated_in_stage_one(tmp_path):
 
 
 def test_stage_two_alone_continues_a_tokenizer_with_the_shape_term(tmp_path):
-    """init.tokenizer + stage 2 only (configs/tokenizer_shapes_full_renderer.yaml): the shape net is trained
+    """init.tokenizer + stage 2 only (docs/tokenizer_training.md, the renderer alone): the shape net is trained
     although stage 1 is skipped, and only the renderer changes, so the codes stay those of the start."""
     learned = ["model.latent.kind=autoencoder", "model.latent.factor=4",
                "model.latent.autoencoder={block_out_channels: [8, 16, 32]}", "stage0.batch_size=8",
