@@ -132,6 +132,19 @@ def test_wiring_chains_the_stages_and_keeps_user_overrides(tmp_path):
     assert len(same) == len(before) - 2 and len(before) == len(after)
 
 
+def test_evaluations_sample_with_the_rl_policy_and_refuse_their_own(tmp_path):
+    cfg = demo.load_config(demo.DemoConfig, REPO / demo.SMOKE_CONFIG,
+                           ["rl.overrides=[rollout.sampling.temperature=0.6,rollout.sampling.cfg_scale=2.5]"])
+    stages = {s.name: s for s in demo.build_stages(cfg, tmp_path)}
+    for name in ("vlm_eval", "rl_eval"):
+        argv = stages[name].commands[0].argv
+        assert argv[argv.index("--temperature") + 1] == "0.6" and argv[argv.index("--cfg-scale") + 1] == "2.5"
+    assert stages["rl"].configs["rl"]["rollout"]["sampling"]["temperature"] == 0.6
+    clash = demo.load_config(demo.DemoConfig, REPO / demo.SMOKE_CONFIG, ["evaluate.extra_args=[--temperature,1.0]"])
+    with pytest.raises(demo.ConfigError, match="--temperature.*rollout.sampling"):
+        demo.build_stages(clash, tmp_path)
+
+
 def test_shipped_tokenizer_stage_installs_it_and_changes_with_its_manifest(tmp_path, monkeypatch):
     shipped = tmp_path / "pretrained"
     (shipped / "tiny").mkdir(parents=True)

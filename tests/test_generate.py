@@ -359,6 +359,16 @@ def test_cli_rejects_bad_settings_naming_them(pair_dirs, tmp_path, capsys, flag,
     assert e.value.code == 2 and setting in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("policy", [SamplingPolicy(cfg_scale=2.0, temperature=0.7),
+                                    SamplingPolicy(cfg_scale=4.0, cfg_schedule="linear", cfg_scale_end=1.5, top_k=20,
+                                                   top_p=0.9, negative_prompt="a square", vocabulary="all")])
+def test_policy_args_give_back_the_policy(policy):
+    from vlm.generate import build_parser, check_settings, policy_args
+    args = build_parser().parse_args(["t2i", "--model", "m", "--tokenizer", "t", "--prompt", "p", "--out", "o",
+                                      *policy_args(policy)])
+    assert check_settings(args) == policy
+
+
 def test_cli_caption_folder(tmp_path, pair_dirs):
     from selftok.shapes import export_split
     from vlm.generate import main

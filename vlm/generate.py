@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,10 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+POLICY_FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(SamplingPolicy)}
+"""Each `SamplingPolicy` field's command-line flag."""
+
+
 def _add_policy_args(p: argparse.ArgumentParser, text: bool) -> None:
     d = SamplingPolicy.greedy_text() if text else SamplingPolicy()
     g = p.add_argument_group("sampling policy (see docs/generation.md)")
@@ -51,6 +56,16 @@ def _add_policy_args(p: argparse.ArgumentParser, text: bool) -> None:
     g.add_argument("--top-k", type=int, default=d.top_k)
     g.add_argument("--top-p", type=float, default=d.top_p)
     g.add_argument("--vocabulary", default=d.vocabulary, choices=["visual", "text", "all"])
+
+
+def policy_args(policy: SamplingPolicy) -> list[str]:
+    """The sampling-policy flags that make a verb sample with `policy` (the inverse of `check_settings`)."""
+    argv = []
+    for f in dataclasses.fields(SamplingPolicy):
+        value = getattr(policy, f.name)
+        if value is not None:
+            argv += [POLICY_FLAGS[f.name], str(value)]
+    return argv
 
 
 def check_settings(args: argparse.Namespace) -> SamplingPolicy:

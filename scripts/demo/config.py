@@ -49,7 +49,8 @@ class EvaluateSettings:
     """Held-out scenes captioned (0 = skip)."""
     batch_size: int = 32
     extra_args: list[str] = dataclasses.field(default_factory=list)
-    """Further flags, e.g. ["--cfg-scale", "3"] (see docs/generation.md)."""
+    """Further flags, e.g. ["--attn", "eager"] (see docs/generation.md). Not the sampling policy: the evaluations
+    sample with the RL config's ``rollout.sampling``, the policy RL trains, so before and after compare alike."""
 
     def __post_init__(self) -> None:
         if self.n_per_prompt < 1 or self.n_captions < 0 or self.batch_size < 1:

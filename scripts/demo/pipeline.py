@@ -54,9 +54,11 @@ from scripts.demo.runner import (
     write_configs,
     write_json,
 )
+from rl.config import RLConfig
 from selftok.pretrained import MANIFEST, ROOT as PRETRAINED, manifest_digest, shipped_config
-from selftok.runtime.config import ConfigError, apply_overrides, load_config, to_dict
+from selftok.runtime.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
 from selftok.runtime.io import read_json
+from vlm.generate import POLICY_FLAGS, policy_args
 
 log = logging.getLogger("demo")
 
@@ -139,11 +141,24 @@ def tokenizer_stage(settings: TokenizerSettings, wires: list[str], out: Path) ->
                  needs=[str(manifest)])
 
 
-def evaluate_stage(name: str, title: str, model: str, cfg: DemoConfig, out: Path) -> Stage:
+def rl_sampling(cfg: DemoConfig, wires: list[str]) -> list[str]:
+    """The RL rollouts' sampling policy (its config's ``rollout.sampling``) as `vlm.generate` flags: the held-out
+    evaluations before and after RL sample as the policy that RL trained does."""
+    if not (REPO / cfg.rl.config).is_file():
+        return []  # the missing config fails the rl stage, which names it
+    rl = from_dict(RLConfig, merged_config(cfg.rl, wires))
+    return policy_args(rl.rollout.sampling)
+
+
+def evaluate_stage(name: str, title: str, model: str, cfg: DemoConfig, out: Path, sampling: list[str]) -> Stage:
     e = cfg.evaluate
+    clash = sorted(set(e.extra_args) & set(POLICY_FLAGS.values()))
+    if clash:
+        raise ConfigError(f"evaluate.extra_args sets {', '.join(clash)}: the evaluations sample with the RL "
+                          f"config's rollout.sampling ({cfg.rl.config}); change it there")
     argv = ["evaluate", "--model", str(out / model), "--tokenizer", str(out / "tokenizer" / "model"),
             "--out", str(out / name), "--n-per-prompt", str(e.n_per_prompt), "--n-captions", str(e.n_captions),
-            "--batch-size", str(e.batch_size), *e.extra_args]
+            "--batch-size", str(e.batch_size), *sampling, *e.extra_args]
     return Stage(name, title, name, [name], [f"{name}/summary.json", f"{name}/t2i_report.json"],
                  commands=[Command("vlm.generate", argv)])
 
@@ -151,6 +166,7 @@ def evaluate_stage(name: str, title: str, model: str, cfg: DemoConfig, out: Path
 def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
     size = image_size(cfg)
     w = wiring(out, size)
+    sampling = rl_sampling(cfg, w["rl"])
     return [
         shapes_stage(cfg, out, size),
         tokenizer_stage(cfg.tokenizer, w["tokenizer"], out),
@@ -160,11 +176,11 @@ def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
         training_stage("vlm", "train the VLM (text→image + image→text)", "vlm.train", cfg.vlm, w["vlm"], "vlm",
                        ["vlm/final", "vlm/metrics.jsonl"], ["vlm/final/vocab.json", "vlm/final/config.json"], out),
         evaluate_stage("vlm_eval", "generate for the held-out prompts, caption held-out scenes, evaluate",
-                       "vlm/final", cfg, out),
+                       "vlm/final", cfg, out, sampling),
         training_stage("rl", "GRPO on the train prompts (reward: the program evaluator)", "rl.train", cfg.rl,
                        w["rl"], "rl", ["rl/final", "rl/metrics.jsonl"], ["rl/final/vocab.json", "rl/final/config.json"],
                        out),
-        evaluate_stage("rl_eval", "generate and evaluate again (same prompts and seeds)", "rl/final", cfg, out),
+        evaluate_stage("rl_eval", "generate and evaluate again (same prompts and seeds)", "rl/final", cfg, out, sampling),
     ]
 
 
