@@ -29,7 +29,7 @@ def test_label_maps_from_sample_metadata():
         label_maps([json.dumps({"tag": "x"})], 16)
 
 
-@pytest.mark.parametrize("distance", ["features", "logits"])
+@pytest.mark.parametrize("distance", ["features", "logits", "object_logits"])
 def test_shape_distance_is_zero_on_equal_inputs_and_trains_only_the_prediction(distance):
     torch.manual_seed(0)
     net = ShapeNet(4, 4, width=16, map_size=16, depth=3, distance=distance).requires_grad_(False)
@@ -53,8 +53,24 @@ def test_logits_distance_is_the_kl_of_the_read_shapes():
     p, q = torch.softmax(net(target), 1), torch.softmax(net(pred), 1)
     expected = (p * (p.log() - q.log())).sum(1).mean((1, 2))
     assert torch.allclose(shape_distance(net, pred, target), expected, atol=1e-6)
-    with pytest.raises(ValueError, match="features or logits"):
+    with pytest.raises(ValueError, match="features, logits, object_logits"):
         ShapeNetConfig(distance="edges")
+
+
+def test_object_logits_distance_ignores_background_cells():
+    # the per-cell KL weighted by the target's object probability, normalised by that probability's sum
+    torch.manual_seed(0)
+    net = ShapeNet(4, 4, width=16, map_size=4, depth=1, distance="object_logits").requires_grad_(False)
+    target, pred = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
+    p, q = torch.softmax(net(target), 1), torch.softmax(net(pred), 1)
+    kl = (p * (p.log() - q.log())).sum(1)
+    weight = 1 - p[:, 0]
+    expected = (kl * weight).sum((1, 2)) / weight.sum((1, 2)).clamp_min(1.0)
+    assert torch.allclose(shape_distance(net, pred, target), expected, atol=1e-6)
+    with torch.no_grad():  # a scene read as all background: 0, not 0 / 0
+        net.head.weight.zero_()
+        net.head.bias.copy_(torch.tensor([50.0] + [0.0] * (NUM_CLASSES - 1)))
+    assert float(shape_distance(net, pred, target)) < 1e-6
 
 
 def test_train_shape_net_learns_the_map_and_is_deterministic():

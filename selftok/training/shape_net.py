@@ -8,8 +8,11 @@ It is trained on the run's own training images (the shapes world's training spli
 after stage 0 and on the frozen autoencoder's latents, with the labels of `selftok.shapes.shape_map`.
 Two distances, (B, C, h, w) pairs → (B,): ``features`` (LPIPS form: every tapped feature map is
 unit-normalised over channels; squared differences are averaged over channels and space and summed over taps)
-and ``logits`` (the KL divergence of the prediction's per-cell shape distribution from the target's, averaged
-over cells: large when the net reads another shape, whatever the pixel area of the difference).
+``logits`` (the KL divergence of the prediction's per-cell shape distribution from the target's, averaged
+over cells: large when the net reads another shape, whatever the pixel area of the difference) and
+``object_logits`` (the same KL averaged over the target's *object* cells, each weighted by the target's
+probability that it is not background: in ``logits`` the background, most of every scene, dilutes a small
+object's misread shape several-fold).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 
 NUM_CLASSES = 1 + len(SHAPES)
 """Background + one class per shape."""
+DISTANCES = ("features", "logits", "object_logits")
 
 
 @dataclass
@@ -47,7 +51,7 @@ class ShapeNetConfig:
     """Side of the predicted label map (a power-of-two multiple of the latent grid)."""
     images: int = 4096
     """Training images (the first of the run's source) it learns from."""
-    distance: Literal["features", "logits"] = "features"
+    distance: Literal["features", "logits", "object_logits"] = "features"
     """The renderer term's distance (module docstring)."""
     noise: float = 0.0
     """Training latents get Gaussian noise of a std drawn uniformly from [0, noise] per image, so that the net
@@ -57,8 +61,8 @@ class ShapeNetConfig:
         if self.steps < 0 or self.batch_size < 1 or self.width < 8 or self.images < 1 or self.depth < 1 \
                 or self.noise < 0:
             raise ValueError("shape_net.steps and noise must be >= 0, batch_size, images and depth >= 1, width >= 8")
-        if self.distance not in ("features", "logits"):
-            raise ValueError(f"shape_net.distance must be features or logits, not {self.distance!r}")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"shape_net.distance must be one of {', '.join(DISTANCES)}, not {self.distance!r}")
 
 
 class ShapeNet(nn.Module):
@@ -103,11 +107,14 @@ class ShapeNet(nn.Module):
 def shape_distance(net: ShapeNet, pred: Tensor, target: Tensor) -> Tensor:
     """The net's distance (``net.distance``, module docstring) of `pred` from `target` latents: (B,)."""
     with torch.autocast(pred.device.type, enabled=False):
-        if net.distance == "logits":
+        if net.distance != "features":
             with torch.no_grad():
                 ref = F.log_softmax(net(target), dim=1)
-            log_p = F.log_softmax(net(pred), dim=1)
-            return (ref.exp() * (ref - log_p)).sum(1).mean((1, 2))
+            kl = (ref.exp() * (ref - F.log_softmax(net(pred), dim=1))).sum(1)
+            if net.distance == "logits":
+                return kl.mean((1, 2))
+            weight = 1 - ref[:, 0].exp()  # class 0 is the background
+            return (kl * weight).sum((1, 2)) / weight.sum((1, 2)).clamp_min(1.0)
         with torch.no_grad():
             ref = net.taps(target)
         total = pred.new_zeros(pred.shape[0], dtype=torch.float32)
