@@ -1,9 +1,11 @@
-"""Chart of tokenizer runs on the shapes world: held-out renderer attribute preservation and PSNR against
-training images seen, one line per run, and the per-shape confusion table (true shape × read shape) of the
-first run's last evaluation.
+"""Chart of tokenizer runs on the shapes world: held-out renderer attribute preservation, per-object shape
+accuracy and PSNR against training images seen, one line per run, and the per-shape confusion table (true
+shape × read shape) of the first run's last evaluation (with ``--chain``, of the last run's).
 
     python benchmarks/plot_tokenizer_curves.py --run "full recipe=runs/tokenizer_shapes_full" \
         --run "quick recipe=runs/tokenizer_shapes" --out docs/tokenizer_curves.png
+    python benchmarks/plot_tokenizer_curves.py --chain --run "refine, shape 0.3=runs/a" \
+        --run "refine, shape 1.0=runs/b" --out docs/tokenizer_refine.png   # b continues a (init.tokenizer)
 
 Reads each run's pinned ``config.yaml`` (batch sizes) and its ``eval/stage{1,2}_step*.json`` files (stage 1's
 joint renderer: ``stage1_stepN_renderer.json``; stage 2 trains the renderer alone). Images seen count the
@@ -39,26 +41,32 @@ def renderer_curve(run: Path) -> list[dict]:
     return sorted(points, key=lambda p: p["images_seen"])
 
 
-def plot(runs: dict[str, list[dict]], out: Path) -> None:
+def plot(runs: dict[str, list[dict]], out: Path, chain: bool = False) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [1, 1, 0.9]})
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.6), gridspec_kw={"width_ratios": [1, 1, 1, 0.9]})
     for label, pts in runs.items():
         x = [p["images_seen"] / 1000 for p in pts]
         axes[0].plot(x, [p.get("attribute_preservation") for p in pts], "o-", label=label)
-        axes[1].plot(x, [p["psnr"] for p in pts], "o-", label=label)
-    axes[0].axhline(0.90, color="grey", ls="--", lw=1)
-    axes[0].set(xlabel="training images seen (k)", ylabel="attribute preservation (held-out)", ylim=(0, 1),
-                title="renderer: every object's shape, colour, count, position")
-    axes[1].axhline(27, color="grey", ls="--", lw=1)
-    axes[1].set(xlabel="training images seen (k)", ylabel="PSNR (dB, held-out)", title="renderer PSNR")
+        axes[1].plot(x, [p.get("shape_accuracy") for p in pts], "o-", label=label)
+        axes[2].plot(x, [p["psnr"] for p in pts], "o-", label=label)
+    lows = [p.get(k) for pts in runs.values() for p in pts for k in ("attribute_preservation", "shape_accuracy")]
+    low = min([v for v in lows if v is not None] + [0.9])
+    bottom = 0 if low < 0.5 else 0.8  # refinements move in the last few hundredths: zoom in
+    for ax, bar, name, title in ((axes[0], 0.90, "attribute preservation", "every object's shape, colour, "
+                                  "count, position"), (axes[1], 0.97, "shape accuracy", "each object's shape")):
+        ax.axhline(bar, color="grey", ls="--", lw=1)
+        ax.set(xlabel="training images seen (k)", ylabel=f"{name} (held-out)", ylim=(bottom, 1),
+               title=f"renderer: {title}")
+    axes[2].axhline(27, color="grey", ls="--", lw=1)
+    axes[2].set(xlabel="training images seen (k)", ylabel="PSNR (dB, held-out)", title="renderer PSNR")
     axes[0].legend(fontsize=8)
-    first_label, first = next(iter(runs.items()))
+    first_label, first = next(iter(runs.items())) if not chain else list(runs.items())[-1]
     last = first[-1]
     table = last.get("shape_confusion")
-    ax = axes[2]
+    ax = axes[3]
     if table:
         rows, cols = list(table), list(next(iter(table.values())))
         counts = [[table[r][c] for c in cols] for r in rows]
@@ -69,7 +77,7 @@ def plot(runs: dict[str, list[dict]], out: Path) -> None:
         ax.set_xticks(range(len(cols)), cols, rotation=30)
         ax.set_yticks(range(len(rows)), rows)
         ax.set(xlabel="read shape", ylabel="true shape",
-               title=f"{first_label}, {last['stage']} step {last['step']}: shape accuracy "
+               title=f"{first_label}\n{last['stage']} step {last['step']}: shape accuracy "
                      f"{last.get('shape_accuracy', float('nan')):.3f}")
     else:
         ax.axis("off")
@@ -84,18 +92,23 @@ def main() -> None:
     ap.add_argument("--run", action="append", required=True, metavar="LABEL=DIR",
                     help="a training run directory and its legend label (repeatable; the first gives the table)")
     ap.add_argument("--out", type=Path, default=Path("docs/tokenizer_curves.png"))
+    ap.add_argument("--chain", action="store_true",
+                    help="each run continues the one before (init.tokenizer): its images seen start where that "
+                         "one's end; the confusion table is the last run's")
     args = ap.parse_args()
-    runs = {}
+    runs, start = {}, 0
     for item in args.run:
         label, sep, directory = item.partition("=")
         if not sep:
             ap.error(f"--run {item!r}: expected LABEL=DIR")
-        runs[label] = renderer_curve(Path(directory))
+        runs[label] = [{**p, "images_seen": p["images_seen"] + start} for p in renderer_curve(Path(directory))]
+        if args.chain:
+            start = runs[label][-1]["images_seen"]
         for p in runs[label]:
             print(f"{label}: {p['stage']} step {p['step']}: {p['images_seen']} images, PSNR {p['psnr']:.2f}, "
                   f"attributes {p.get('attribute_preservation', float('nan')):.3f}, "
                   f"shape accuracy {p.get('shape_accuracy', float('nan')):.3f}")
-    plot(runs, args.out)
+    plot(runs, args.out, args.chain)
 
 
 if __name__ == "__main__":
