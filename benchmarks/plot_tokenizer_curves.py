@@ -90,7 +90,8 @@ def plot(runs: dict[str, list[dict]], out: Path, chain: bool = False) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", action="append", required=True, metavar="LABEL=DIR",
-                    help="a training run directory and its legend label (repeatable; the first gives the table)")
+                    help="a training run directory and its legend label (repeatable; the first gives the table, "
+                         "with --chain the last)")
     ap.add_argument("--out", type=Path, default=Path("docs/tokenizer_curves.png"))
     ap.add_argument("--chain", action="store_true",
                     help="each run continues the one before (init.tokenizer): its images seen start where that "

@@ -180,7 +180,8 @@ def build_stages(cfg: DemoConfig, out: Path) -> list[Stage]:
         training_stage("rl", "GRPO on the train prompts (reward: the program evaluator)", "rl.train", cfg.rl,
                        w["rl"], "rl", ["rl/final", "rl/metrics.jsonl"], ["rl/final/vocab.json", "rl/final/config.json"],
                        out),
-        evaluate_stage("rl_eval", "generate and evaluate again (same prompts and seeds)", "rl/final", cfg, out, sampling),
+        evaluate_stage("rl_eval", "generate and evaluate again (same prompts and seeds)", "rl/final", cfg, out,
+                       sampling),
     ]
 
 

@@ -6,7 +6,7 @@ so an MSE-trained tokenizer encodes position, size and colour first and shape la
 
 It is trained on the run's own training images (the shapes world's training split, never held-out scenes),
 after stage 0 and on the frozen autoencoder's latents, with the labels of `selftok.shapes.shape_map`.
-Two distances, (B, C, h, w) pairs → (B,): ``features`` (LPIPS form: every tapped feature map is
+Three distances, (B, C, h, w) pairs → (B,): ``features`` (LPIPS form: every tapped feature map is
 unit-normalised over channels; squared differences are averaged over channels and space and summed over taps)
 ``logits`` (the KL divergence of the prediction's per-cell shape distribution from the target's, averaged
 over cells: large when the net reads another shape, whatever the pixel area of the difference) and
