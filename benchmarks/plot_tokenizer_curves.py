@@ -63,8 +63,8 @@ def plot(runs: dict[str, list[dict]], out: Path, chain: bool = False) -> None:
     axes[2].axhline(27, color="grey", ls="--", lw=1)
     axes[2].set(xlabel="training images seen (k)", ylabel="PSNR (dB, held-out)", title="renderer PSNR")
     axes[0].legend(fontsize=8)
-    first_label, first = next(iter(runs.items())) if not chain else list(runs.items())[-1]
-    last = first[-1]
+    table_label, table_run = list(runs.items())[-1 if chain else 0]
+    last = table_run[-1]
     table = last.get("shape_confusion")
     ax = axes[3]
     if table:
@@ -77,7 +77,7 @@ def plot(runs: dict[str, list[dict]], out: Path, chain: bool = False) -> None:
         ax.set_xticks(range(len(cols)), cols, rotation=30)
         ax.set_yticks(range(len(rows)), rows)
         ax.set(xlabel="read shape", ylabel="true shape",
-               title=f"{first_label}\n{last['stage']} step {last['step']}: shape accuracy "
+               title=f"{table_label}\n{last['stage']} step {last['step']}: shape accuracy "
                      f"{last.get('shape_accuracy', float('nan')):.3f}")
     else:
         ax.axis("off")
