@@ -8,7 +8,15 @@ from typing import Literal
 import pytest
 import yaml
 
-from selftok.runtime.config import ConfigError, apply_overrides, config_diff, from_dict, load_config, to_dict
+from selftok.runtime.config import (
+    ConfigError,
+    apply_overrides,
+    config_diff,
+    from_dict,
+    load_config,
+    read_config_file,
+    to_dict,
+)
 
 
 @dataclasses.dataclass
@@ -71,6 +79,33 @@ def test_a_bare_no_is_the_literal_no():
 
 def test_config_diff_lists_changed_keys():
     assert config_diff({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}}) == ["a.c: 2 -> 3"]
+
+
+def test_base_key_merges_the_variant_over_its_base(tmp_path: Path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("name: base\nsteps: 7\noptim: {lr: 0.5, betas: [0.1, 0.2]}\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../base.yaml\noptim: {lr: 0.25}\n")
+    (tmp_path / "sub" / "leaf.yaml").write_text("base: mid.yaml\nname: leaf\noptim: {betas: [0.3, 0.4]}\n")
+    assert read_config_file(tmp_path / "sub" / "leaf.yaml") == {
+        "name": "leaf", "steps": 7, "optim": {"lr": 0.25, "betas": [0.3, 0.4]}}
+    cfg = load_config(Run, tmp_path / "sub" / "leaf.yaml", ["steps=2"])  # overrides still win
+    assert (cfg.name, cfg.steps, cfg.optim.lr, cfg.optim.betas) == ("leaf", 2, 0.25, (0.3, 0.4))
+
+
+@pytest.mark.parametrize("text, match", [("base: missing.yaml\n", "not a file"), ("base: [a.yaml]\n", "must be the path"),
+                                         ("base: loop.yaml\n", "loops back")])
+def test_bad_base_key_is_refused(tmp_path: Path, text: str, match: str):
+    (tmp_path / "loop.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        read_config_file(tmp_path / "loop.yaml")
+
+
+def test_refine_config_keeps_the_full_recipes_model_and_data():
+    from selftok.train import TrainConfig
+    root = Path(__file__).resolve().parents[1] / "configs"
+    full, refine = (load_config(TrainConfig, root / f"tokenizer_shapes_{n}.yaml") for n in ("full", "refine"))
+    assert refine.model == full.model and refine.data == full.data and refine.eval == full.eval
+    assert (refine.stage0.steps, refine.shape_net.distance, refine.stage1.steps) == (0, "object_logits", 1500)
 
 
 def test_every_shipped_yaml_loads():

@@ -46,6 +46,7 @@ POLICY_FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fie
 
 
 def _add_policy_args(p: argparse.ArgumentParser, text: bool) -> None:
+    """One flag per `SamplingPolicy` field (`POLICY_FLAGS`; tests check the two agree)."""
     d = SamplingPolicy.greedy_text() if text else SamplingPolicy()
     g = p.add_argument_group("sampling policy (see docs/generation.md)")
     g.add_argument("--cfg-scale", type=float, default=d.cfg_scale)
@@ -71,10 +72,7 @@ def policy_args(policy: SamplingPolicy) -> list[str]:
 def check_settings(args: argparse.Namespace) -> SamplingPolicy:
     """A verb's settings → its sampling policy; ValueError with the message the command line prints (the
     playground, `vlm.playground`, shows the same messages)."""
-    policy = SamplingPolicy(cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule,
-                            cfg_scale_end=args.cfg_scale_end, negative_prompt=args.negative_prompt,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            vocabulary=args.vocabulary)
+    policy = SamplingPolicy(**{name: getattr(args, name) for name in POLICY_FLAGS})
     text = args.verb == "caption"
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")

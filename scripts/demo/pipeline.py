@@ -35,8 +35,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from scripts.demo.config import DemoConfig, StageSettings, TokenizerSettings
 from scripts.demo.report import write_report
 from scripts.demo.runner import (
@@ -56,7 +54,7 @@ from scripts.demo.runner import (
 )
 from rl.config import RLConfig
 from selftok.pretrained import MANIFEST, ROOT as PRETRAINED, manifest_digest, shipped_config
-from selftok.runtime.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from selftok.runtime.config import ConfigError, apply_overrides, from_dict, load_config, read_config_file, to_dict
 from selftok.runtime.io import read_json
 from vlm.generate import POLICY_FLAGS, policy_args
 
@@ -71,8 +69,7 @@ SMOKE_OUT = "runs/demo-smoke"
 # ------------------------------------------------------------------------------------------------ stages
 def merged_config(settings: StageSettings, wiring: list[str]) -> dict[str, Any]:
     """The stage's YAML with its overrides, then the demo's wiring (which always wins)."""
-    data = yaml.safe_load((REPO / settings.config).read_text()) or {}
-    return apply_overrides(data, list(settings.overrides) + wiring)
+    return apply_overrides(read_config_file(REPO / settings.config), list(settings.overrides) + wiring)
 
 
 def image_size(cfg: DemoConfig) -> int:
@@ -81,7 +78,7 @@ def image_size(cfg: DemoConfig) -> int:
     if t.pretrained:
         return shipped_config(t.pretrained, PRETRAINED).image_size
     path = REPO / t.config
-    data = apply_overrides(yaml.safe_load(path.read_text()) or {}, t.overrides) if path.is_file() else {}
+    data = apply_overrides(read_config_file(path), t.overrides) if path.is_file() else {}
     return int((data.get("model") or {}).get("image_size", 64))
 
 

@@ -17,8 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from selftok.model.encoder import EncoderConfig
 from selftok.model.latents import LatentConfig
 from selftok.model.mmdit import MMDiTConfig
@@ -26,7 +24,7 @@ from selftok.model.quantizer import QuantizerConfig
 from selftok.model.renderer import RendererConfig
 from selftok.model.schedule import ScheduleConfig
 from selftok.model.tokenizer import TokenizerConfig
-from selftok.runtime.config import ConfigError, apply_overrides, from_dict, to_dict
+from selftok.runtime.config import ConfigError, apply_overrides, from_dict, merge_config, read_config_file, to_dict
 
 #: Official five-stage token split (K = 512) and the assumed K = 1024 split (2×).
 OFFICIAL_STAGES = (200, 400, 600, 800, 1000)
@@ -101,18 +99,6 @@ def load_tokenizer_config(preset: str | None = None, path: str | Path | None = N
     """Preset (optional) ← YAML file (optional, keys merged over the preset) ← dotted overrides."""
     data: dict[str, Any] = to_dict(get_preset(preset)) if preset else {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-        data = _merge(data, loaded)
+        data = merge_config(data, read_config_file(path))
     return from_dict(TokenizerConfig, apply_overrides(data, overrides or []))
 
-
-def _merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out

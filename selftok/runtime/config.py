@@ -1,6 +1,7 @@
 """Typed configs: nested dataclasses, one YAML file per run, dotted command-line overrides.
 
-Every run config in the project is a dataclass tree. `load_config(Cls, path, overrides)` reads the YAML,
+Every run config in the project is a dataclass tree. `load_config(Cls, path, overrides)` reads the YAML
+(`read_config_file`: a top-level ``base:`` names a file whose keys this one's are merged over),
 applies overrides such as ``train.lr=1e-4`` (values parsed as YAML scalars), and builds the tree strictly:
 an unknown key is an error naming the key and the valid ones, a value of the wrong type is an error naming
 the field, and each dataclass checks its invariants in ``__post_init__``. A dataclass may list keys it no
@@ -30,15 +31,38 @@ class ConfigError(ValueError):
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Build `cls` from an optional YAML file plus dotted ``key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        with open(path) as f:
-            loaded = yaml.safe_load(f)
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded or {}
-    data = apply_overrides(data, overrides or [])
-    return from_dict(cls, data)
+    data = read_config_file(path) if path is not None else {}
+    return from_dict(cls, apply_overrides(data, overrides or []))
+
+
+def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config file as a mapping. A top-level ``base: other.yaml`` (relative to the file) is read first
+    and this file's keys are merged over it (`merge_config`), so a variant states only what it changes."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: its base chain loops back to itself ({' -> '.join(p.name for p in _seen)})")
+    with open(path) as f:
+        loaded = yaml.safe_load(f)
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+    data = dict(loaded or {})
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be the path of another config file, got {base!r}")
+    if not (path.parent / base).is_file():
+        raise ConfigError(f"{path}: base {base!r} is not a file (paths are relative to the config's folder)")
+    return merge_config(read_config_file(path.parent / base, (*_seen, path)), data)
+
+
+def merge_config(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`new` over `base`: mappings merge key by key, any other value (lists included) replaces the base's."""
+    out = dict(base)
+    for key, value in new.items():
+        out[key] = merge_config(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
