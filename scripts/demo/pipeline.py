@@ -77,8 +77,7 @@ def image_size(cfg: DemoConfig) -> int:
     t = cfg.tokenizer
     if t.pretrained:
         return shipped_config(t.pretrained, PRETRAINED).image_size
-    path = REPO / t.config
-    data = apply_overrides(read_config_file(path), t.overrides) if path.is_file() else {}
+    data = merged_config(t, []) if (REPO / t.config).is_file() else {}
     return int((data.get("model") or {}).get("image_size", 64))
 
 
