@@ -12,7 +12,8 @@ Sources:
 **Held-out prompts are never used in training**: any training prompt whose text or spec equals a held-out
 one is removed from the training set (the shapes world's four single_object specs are in both of its
 splits by design, so RL does not train on them). The schedule (`schedule_prompts`) is a pure function of
-(seed, step): a resumed run sees exactly the prompts an uninterrupted one would.
+(seed, step) — with `balance: adaptive`, of (seed, step, `CategoryCurriculum` state), which every checkpoint
+holds: a resumed run sees exactly the prompts an uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,9 +53,16 @@ class PromptsConfig:
     """file: evaluation prompts; None splits `train_file` by a hash of each prompt (`heldout_fraction`)."""
     heldout_fraction: float = 0.2
     """file without `heldout_file`: fraction of prompts held out for evaluation."""
-    balance: Literal["category", "uniform"] = "category"
+    balance: Literal["category", "uniform", "adaptive"] = "category"
     """category: every step cycles through the categories equally (GenEval's overall score is the mean of
-    the category scores); uniform: every training prompt equally often."""
+    the category scores); uniform: every training prompt equally often; adaptive: categories drawn in
+    proportion to how often their groups carried a learning signal lately (`CategoryCurriculum`), so steps
+    are not spent on categories the policy already gets right every time."""
+    adaptive_floor: float = 0.25
+    """adaptive: the share of each step spread equally over all categories, whatever their signal (so no
+    category is dropped from training)."""
+    adaptive_decay: float = 0.98
+    """adaptive: per-step decay of each category's moving average of informative groups."""
     max_heldout: int | None = None
     """Evaluate on at most this many held-out prompts (an even spread through the list); None = all."""
 
@@ -64,8 +73,12 @@ class PromptsConfig:
             raise ValueError("prompts.source=file needs prompts.train_file")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        if self.balance not in ("category", "uniform"):
-            raise ValueError(f"balance must be category or uniform, got {self.balance!r}")
+        if self.balance not in ("category", "uniform", "adaptive"):
+            raise ValueError(f"balance must be category, uniform or adaptive, got {self.balance!r}")
+        if not 0.0 <= self.adaptive_floor <= 1.0:
+            raise ValueError(f"adaptive_floor must be in [0, 1], got {self.adaptive_floor}")
+        if not 0.0 <= self.adaptive_decay < 1.0:
+            raise ValueError(f"adaptive_decay must be in [0, 1), got {self.adaptive_decay}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +155,22 @@ def build_prompt_sets(cfg: PromptsConfig, seed: int = 0) -> PromptSets:
     return PromptSets(train=train, heldout=heldout)
 
 
+def by_category(train: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Training prompts grouped by tag, categories in first-appearance order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for it in train:
+        groups.setdefault(str(it.get("tag", "text")), []).append(it)
+    return groups
+
+
+def _nth_draw(items: Sequence[dict[str, Any]], name: str, k: int, seed: int) -> dict[str, Any]:
+    """Draw `k` (0-based) of a category: element k % P of the category's epoch-(k // P) permutation."""
+    epoch, pos = divmod(k, len(items))
+    order = list(range(len(items)))
+    random.Random(json.dumps([seed, name, epoch])).shuffle(order)
+    return items[order[pos]]
+
+
 def schedule_prompts(train: Sequence[dict[str, Any]], step: int, n: int, seed: int,
                      balance: str = "category") -> list[dict[str, Any]]:
     """The `n` training prompts of optimizer step `step` (0-based), over all processes.
@@ -149,22 +178,69 @@ def schedule_prompts(train: Sequence[dict[str, Any]], step: int, n: int, seed: i
     Slots are numbered globally (slot i = step * n + j). uniform: slot i is element i % P of the epoch
     permutation of the P prompts (a new permutation each epoch). category: slot i takes category
     i % C (categories in first-appearance order) and the next element of that category's own epoch
-    permutations. Pure in (train, step, n, seed)."""
-    if balance == "uniform":
-        groups = {"": list(train)}
-    else:
-        groups = {}
-        for it in train:
-            groups.setdefault(str(it.get("tag", "text")), []).append(it)
+    permutations. Pure in (train, step, n, seed). (adaptive: `CategoryCurriculum.schedule`.)"""
+    groups = {"": list(train)} if balance == "uniform" else by_category(train)
     names = list(groups)
     out = []
     for j in range(n):
         i = step * n + j
         name = names[i % len(names)]
-        items = groups[name]
-        k = i // len(names)
-        epoch, pos = divmod(k, len(items))
-        order = list(range(len(items)))
-        random.Random(json.dumps([seed, name, epoch])).shuffle(order)
-        out.append(items[order[pos]])
+        out.append(_nth_draw(groups[name], name, i // len(names), seed))
     return out
+
+
+class CategoryCurriculum:
+    """`balance: adaptive`: each category's share of a step follows how often its groups carried a learning
+    signal lately. A group whose G rewards are all equal (all right, or all wrong) has zero advantage and
+    teaches nothing; a category the policy always gets right fills the batch with such groups.
+
+    State (saved in every checkpoint through `state_dict`): per category the moving average `signal` of the
+    fraction of its groups with unequal rewards (starting at 1: equal shares until measured), and `drawn`,
+    how many prompts it has had (the position in its epoch permutations). The share of category c is
+    ``floor / C + (1 − floor) · signal_c / Σ signal``. Categories are drawn per slot with an RNG seeded by
+    (seed, step); the prompt within a category is its next epoch-permutation element, as in `category`."""
+
+    def __init__(self, train: Sequence[dict[str, Any]], floor: float = 0.25, decay: float = 0.98) -> None:
+        self.groups = by_category(train)
+        self.floor, self.decay = floor, decay
+        self.signal = dict.fromkeys(self.groups, 1.0)
+        self.drawn = dict.fromkeys(self.groups, 0)
+
+    def shares(self) -> dict[str, float]:
+        total, C = sum(self.signal.values()), len(self.signal)
+        if total <= 0:
+            return {c: 1.0 / C for c in self.signal}
+        return {c: self.floor / C + (1.0 - self.floor) * s / total for c, s in self.signal.items()}
+
+    def schedule(self, step: int, n: int, seed: int) -> list[dict[str, Any]]:
+        """The `n` prompts of step `step` (pure in the state, `step` and `seed`; does not change the state)."""
+        shares = self.shares()
+        names = random.Random(json.dumps([seed, "adaptive", step])).choices(list(shares), list(shares.values()), k=n)
+        seen = dict.fromkeys(self.groups, 0)
+        out = []
+        for name in names:
+            out.append(_nth_draw(self.groups[name], name, self.drawn[name] + seen[name], seed))
+            seen[name] += 1
+        return out
+
+    def update(self, prompts: Sequence[dict[str, Any]], rewards: Sequence[float], group_size: int) -> None:
+        """Record a step: its prompts (groups of `group_size` consecutive items, as scheduled) and rewards
+        (NaN = unscorable; a group with fewer than two finite rewards counts as carrying no signal)."""
+        informative: dict[str, list[bool]] = {}
+        for g in range(0, len(prompts), group_size):
+            name = str(prompts[g].get("tag", "text"))
+            finite = [r for r in rewards[g:g + group_size] if math.isfinite(r)]
+            informative.setdefault(name, []).append(len(finite) >= 2 and max(finite) > min(finite))
+            self.drawn[name] += 1
+        for name, flags in informative.items():
+            self.signal[name] = self.decay * self.signal[name] + (1.0 - self.decay) * sum(flags) / len(flags)
+
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        return {"signal": dict(self.signal), "drawn": dict(self.drawn)}
+
+    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+        if set(state["signal"]) != set(self.groups):
+            raise ValueError(f"the checkpoint's curriculum has categories {sorted(state['signal'])}, this run "
+                             f"{sorted(self.groups)}")
+        self.signal = {c: float(state["signal"][c]) for c in self.groups}
+        self.drawn = {c: int(state["drawn"][c]) for c in self.groups}

@@ -55,8 +55,11 @@ def collect_rollout(state: RLState, step: int, timings: dict[str, float]) -> Rol
     """This process's share of step `step`: prompts, samples, renders and rewards."""
     cfg, acc = state.cfg, state.accelerator
     P, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
-    everyone = schedule_prompts(state.prompts.train, step, P * acc.num_processes, cfg.run.seed,
-                                cfg.prompts.balance)
+    if state.curriculum is not None:
+        everyone = state.curriculum.schedule(step, P * acc.num_processes, cfg.run.seed)
+    else:
+        everyone = schedule_prompts(state.prompts.train, step, P * acc.num_processes, cfg.run.seed,
+                                    cfg.prompts.balance)
     mine = everyone[acc.process_index * P:(acc.process_index + 1) * P]
     prompts = [p for p in mine for _ in range(G)]
     seeds = rollout_seeds(cfg.run.seed, step, acc.process_index * P * G, P * G)

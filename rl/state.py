@@ -8,7 +8,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from rl.config import RLConfig
-from rl.prompts import PromptSets
+from rl.prompts import CategoryCurriculum, PromptSets
 from rl.rewards import Reward
 from selftok.runtime.runs import Progress
 from vlm.vocab import Vocabulary
@@ -29,3 +29,4 @@ class RLState:
     prompts: PromptSets
     progress: Progress
     run_dir: Path
+    curriculum: CategoryCurriculum | None = None  # prompts.balance: adaptive

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from rl.config import RESUME_MAY_DIFFER, PolicyConfig, RLConfig
 from rl.evaluation import evaluate
 from rl.grpo import entropy_estimate, group_advantages, grpo_loss
-from rl.prompts import PromptSets, build_prompt_sets
+from rl.prompts import CategoryCurriculum, PromptSets, build_prompt_sets
 from rl.rewards import Reward, ShapesReward, build_reward
 from rl.rollout import Rollout, collect_rollout
 from rl.state import RLState
@@ -125,6 +125,10 @@ def setup(cfg: RLConfig) -> RLState:
     model, optimizer = acc.prepare(model, optimizer)
     progress = runs.Progress()
     acc.register_for_checkpointing(progress)
+    curriculum = None
+    if cfg.prompts.balance == "adaptive":
+        curriculum = CategoryCurriculum(prompts.train, cfg.prompts.adaptive_floor, cfg.prompts.adaptive_decay)
+        acc.register_for_checkpointing(curriculum)
     ckpt = runs.latest_checkpoint(run_dir)
     if ckpt is not None:
         acc.load_state(str(ckpt))
@@ -133,7 +137,7 @@ def setup(cfg: RLConfig) -> RLState:
     log.info("%d training prompts, %d held-out prompts; reward %s", len(prompts.train), len(prompts.heldout),
              reward.name)
     return RLState(cfg, acc, model, reference, optimizer, vocab, pipe.text_tokenizer, pipe.image_tokenizer, reward,
-                   eval_reward, prompts, progress, run_dir)
+                   eval_reward, prompts, progress, run_dir, curriculum)
 
 
 # ---------------------------------------------------------------------------------------------- update
@@ -293,6 +297,9 @@ def train_step(state: RLState) -> dict[str, float]:
     all_prompts = gather_object(list(rollout.prompts))
     all_details = gather_object(list(rollout.details))
     metrics = reward_metrics(all_prompts, everyone, all_details, state.cfg.rollout.group_size)
+    if state.curriculum is not None:
+        metrics.update({f"share/{c}": v for c, v in state.curriculum.shares().items()})  # the shares this step used
+        state.curriculum.update(all_prompts, everyone.tolist(), state.cfg.rollout.group_size)
     ent = acc.reduce(entropy_estimate(rollout.logprobs, torch.ones_like(rollout.logprobs, dtype=torch.bool))
                      .to(acc.device), "mean")
     metrics.update(upd, **timings, lr=lr, entropy=float(ent), dropped=dropped, dropped_total=state.progress.dropped)

@@ -15,7 +15,7 @@ import yaml
 from rl_testutil import make_artifacts, make_clip
 from safetensors.torch import load_file
 
-from rl.prompts import PromptsConfig, build_prompt_sets, prompt_key, schedule_prompts
+from rl.prompts import CategoryCurriculum, PromptsConfig, build_prompt_sets, prompt_key, schedule_prompts
 from rl.rewards import RewardOutput, RewardPromptError
 from rl.train import RLConfig, frozen_logprobs, main, scoring_inputs, setup, train_step
 from selftok.runtime.config import ConfigError, load_config
@@ -104,6 +104,38 @@ def test_heldout_prompts_never_scheduled_for_training():
     assert {t: tags.count(t) for t in set(tags)} == {t: 80 for t in set(tags)}
     assert schedule_prompts(sets.train, 7, 10, 0) == schedule_prompts(sets.train, 7, 10, 0)
     assert schedule_prompts(sets.train, 7, 10, 0) != schedule_prompts(sets.train, 7, 10, 1)
+
+
+def test_adaptive_curriculum_moves_steps_to_categories_with_signal():
+    train = build_prompt_sets(PromptsConfig()).train
+    cur = CategoryCurriculum(train, floor=0.25, decay=0.5)
+    names = list(cur.shares())
+    assert names == ["two_object", "counting", "colors", "position", "color_attr"]
+    assert all(v == pytest.approx(0.2) for v in cur.shares().values())  # equal until measured
+    first = cur.schedule(0, 40, seed=0)
+    assert first == cur.schedule(0, 40, seed=0) and first != cur.schedule(0, 40, seed=1)
+    assert first != cur.schedule(1, 40, seed=0)
+    for step in range(12):  # colours: every group all right (flat); the others: rewards differ in every group
+        prompts = cur.schedule(step, 40, seed=0)
+        rewards = [1.0 if p["tag"] == "colors" else float(j % 2) for p in prompts for j in range(4)]
+        cur.update([p for p in prompts for _ in range(4)], rewards, group_size=4)
+    shares = cur.shares()
+    assert shares["colors"] == pytest.approx(0.25 / 5, abs=1e-3)  # only the floor's equal part is left
+    assert all(shares[c] == pytest.approx(0.05 + 0.75 / 4, abs=1e-3) for c in names if c != "colors")
+    tags = [p["tag"] for p in cur.schedule(12, 400, seed=0)]
+    assert 0 < tags.count("colors") < 0.1 * len(tags) and sum(shares.values()) == pytest.approx(1.0)
+    # a group with one finite reward carries no signal; NaN does not poison the average
+    one = CategoryCurriculum(train, floor=0.0, decay=0.0)
+    one.update([{"tag": "counting"}] * 4 + [{"tag": "position"}] * 4, [1.0, math.nan, math.nan, math.nan,
+                                                                        0.0, 1.0, math.nan, 1.0], group_size=4)
+    assert one.signal["counting"] == 0.0 and one.signal["position"] == 1.0
+    assert one.shares()["counting"] == 0.0 and one.shares()["position"] == 0.25  # floor 0: no share without signal
+    # the state (signal and each category's position in its permutations) round-trips; another prompt set is refused
+    again = CategoryCurriculum(train, floor=0.25, decay=0.5)
+    again.load_state_dict(cur.state_dict())
+    assert again.schedule(12, 40, seed=0) == cur.schedule(12, 40, seed=0) and again.drawn == cur.drawn
+    with pytest.raises(ValueError, match="categories"):
+        CategoryCurriculum([p for p in train if p["tag"] != "colors"]).load_state_dict(cur.state_dict())
 
 
 def test_file_prompts_split_and_overlap_removed(tmp_path):
@@ -212,7 +244,9 @@ def test_sigkill_and_resume_continue_identically(artifacts, tmp_path):
     paths = {}
     for name in ("straight", "killed"):
         paths[name] = tmp_path / f"{name}.yaml"
-        paths[name].write_text(yaml.safe_dump(tiny_config(artifacts, tmp_path / name, **{"update.max_steps": 4})))
+        # the adaptive curriculum: its state (each category's position in its permutations) must resume too
+        cfg = tiny_config(artifacts, tmp_path / name, **{"update.max_steps": 4, "prompts.balance": "adaptive"})
+        paths[name].write_text(yaml.safe_dump(cfg))
     straight = _run(paths["straight"], tmp_path / "straight.log")
     killed = _run(paths["killed"], tmp_path / "killed.log")
     ckpt = tmp_path / "killed" / "checkpoints" / "step_00000002" / "meta.json"
