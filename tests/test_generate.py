@@ -408,6 +408,12 @@ def test_cli_evaluate_scores_heldout_prompts_and_captions(tmp_path, pair_dirs):
     assert captions["n"] == 6 and len(captions["captions"]) == 6 and 0 <= captions["accuracy"] <= 1
     assert [c["id"] for c in captions["captions"]] == [f"heldout-1-{i:07d}" for i in range(6)]  # --seed's scenes
     assert summary["captions"]["n"] == 6
+    kinds = {c["heldout"] for c in captions["captions"]}  # scenes 0-5 cycle through the six categories
+    assert "none" in kinds and {"pair", "count"} <= {k for c in kinds for k in c.split("+")}
+    assert set(summary["captions"]["per_heldout_kind"]) == kinds
+    seen = json.loads((out / "captions_seen.json").read_text())  # new images of training compositions
+    assert [c["id"] for c in seen["captions"]] == [f"train-1001-{i:07d}" for i in range(6)]
+    assert summary["captions_seen"]["n"] == 6 and 0 <= summary["captions_seen"]["accuracy"] <= 1
 
 
 def test_cli_rejects_a_policy_that_does_not_fit_the_verb(pair_dirs, tmp_path, capsys):

@@ -8,6 +8,7 @@ from selftok.shapes import (
     SHAPES,
     all_specs,
     caption_variants,
+    heldout_kinds,
     heldout_prompts,
     iter_examples,
     parse_prompt,
@@ -25,6 +26,15 @@ def test_split_partitions_every_category():
             continue
         assert train and held and len(train) + len(held) == len(all_specs(tag))
         assert all(split_of(s) == "train" for s in train) and all(split_of(s) == "heldout" for s in held)
+
+
+def test_heldout_kinds_name_what_a_spec_holds_out():
+    assert heldout_kinds(parse_prompt("a photo of a circle and a triangle")) == ("pair",)
+    assert heldout_kinds(parse_prompt("a photo of three circles")) == ("count",)
+    assert heldout_kinds(parse_prompt("a photo of a red square and a blue diamond")) == ("color", "pair")
+    assert heldout_kinds(parse_prompt("a photo of a circle above a square")) == ("relation",)
+    assert heldout_kinds(parse_prompt("a photo of two circles")) == ()
+    assert heldout_kinds(parse_prompt("a photo of a red circle and a blue square")) == ()
 
 
 def test_no_heldout_combination_in_any_training_caption():

@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--images", required=True, help="folder of images")
             p.add_argument("--question", default=None, help="ask this about every image instead of captioning")
         if name == "evaluate":
-            p.add_argument("--n-captions", type=int, default=96, help="held-out scenes to caption (0: skip)")
+            p.add_argument("--n-captions", type=int, default=96,
+                           help="scenes to caption, held-out and again of training compositions (0: skip)")
     return parser
 
 

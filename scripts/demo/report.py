@@ -6,6 +6,7 @@ evaluations' per-image verdicts (the same prompts and seeds):
     tokenizer.*          tokenizer/eval/<stage>_step<N>.json   (selftok.train's held-out evaluation, last step)
     vlm.geneval_heldout  vlm_eval/summary.json                 (vlm.generate evaluate: 96 held-out prompts)
     vlm.caption_accuracy vlm_eval/summary.json                 (captions of held-out scenes judged true)
+    vlm.caption_accuracy_seen  vlm_eval/summary.json           (captions of new scenes of training compositions)
     rl.geneval_heldout   rl_eval/summary.json                  (the same prompts and seeds after RL)
     rl.change_vs_vlm     {vlm,rl}_eval/t2i_report.json         (after − before, paired standard error)
     timing.<stage>       stages/<stage>.done.json              (seconds, all attempts of the stage)
@@ -99,6 +100,10 @@ def eval_section(summary: dict[str, Any] | None) -> dict[str, Any] | None:
         section["caption_accuracy"] = summary["captions"].get("accuracy")
         section["caption_exact_match"] = summary["captions"].get("exact_match")
         section["captions_per_category"] = summary["captions"].get("per_category")
+        section["captions_per_heldout_kind"] = summary["captions"].get("per_heldout_kind")
+    if "captions_seen" in summary:
+        section["caption_accuracy_seen"] = summary["captions_seen"].get("accuracy")
+        section["captions_seen_per_category"] = summary["captions_seen"].get("per_category")
     return section
 
 
@@ -417,6 +422,8 @@ def md_headline(r: dict[str, Any]) -> list[str]:
             ("held-out GenEval-style accuracy, before RL", get(r, "vlm.geneval_heldout.overall"),
              "vlm.geneval_heldout.overall >= 0.4", 3),
             ("held-out caption accuracy", get(r, "vlm.caption_accuracy"), "vlm.caption_accuracy >= 0.8", 3),
+            ("caption accuracy on new scenes of training compositions", get(r, "vlm.caption_accuracy_seen"),
+             None, 3),
             ("held-out GenEval-style accuracy, after RL", get(r, "rl.geneval_heldout.overall"), None, 3),
             ("change after RL (paired, same prompts and seeds)", get(r, "rl.change_vs_vlm.change"),
              "rl.change_vs_vlm.change >= 0.1", 3),
@@ -439,12 +446,24 @@ def md_headline(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def md_caption_kinds(r: dict[str, Any]) -> list[str]:
+    """One line: held-out caption accuracy by the kind of held-out combination the scenes show."""
+    kinds = get(r, "vlm.captions_per_heldout_kind")
+    if not kinds:
+        return []
+    parts = ", ".join(f"{k} {fmt(v)}" for k, v in sorted(kinds.items()))
+    return [f"Held-out captions by the kind of held-out combination in the scene: {parts} "
+            "(\"none\": the single objects both splits share).", ""]
+
+
 def md_categories(r: dict[str, Any]) -> list[str]:
-    lines = ["| category | before RL | after RL | captions (before RL) |", "|---|---|---|---|"]
+    lines = ["| category | before RL | after RL | captions (before RL) | captions, training compositions |",
+             "|---|---|---|---|---|"]
     for cat in (*CATEGORIES, "overall"):
-        captions = get(r, "vlm.caption_accuracy" if cat == "overall" else f"vlm.captions_per_category.{cat}")
+        captions, seen = (get(r, f"vlm.caption_accuracy{s}" if cat == "overall"
+                              else f"vlm.captions{s}_per_category.{cat}") for s in ("", "_seen"))
         lines.append(f"| {cat} | {fmt(get(r, f'vlm.geneval_heldout.{cat}'))} | "
-                     f"{fmt(get(r, f'rl.geneval_heldout.{cat}'))} | {fmt(captions)} |")
+                     f"{fmt(get(r, f'rl.geneval_heldout.{cat}'))} | {fmt(captions)} | {fmt(seen)} |")
     return lines
 
 
@@ -532,6 +551,7 @@ def write_markdown(r: dict[str, Any], stages: list[Stage], out: Path) -> None:
         f"i2t {fmt(vt.get('loss_i2t'))}). Held-out accuracy per category (96 prompts, program evaluator, "
         "GenEval rules):"), "",
         *md_categories(r), "",
+        *md_caption_kinds(r),
         *image_md(images, "captions", "captions of held-out scenes"),
         "## 4. RL: GRPO with the evaluator as reward",
         (f"{rt.get('steps', '—')} steps on training prompts only (last mean reward "

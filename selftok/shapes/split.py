@@ -67,9 +67,14 @@ def combination_keys(spec: dict[str, Any]) -> set[tuple[Any, ...]]:
     return keys
 
 
+def heldout_kinds(spec: dict[str, Any]) -> tuple[str, ...]:
+    """The kinds of held-out combination a spec contains ("color", "count", "pair", "relation"), sorted."""
+    return tuple(sorted({key[0] for key in combination_keys(spec) & HELDOUT_KEYS}))
+
+
 def split_of(spec: dict[str, Any]) -> str:
     """"heldout" if the spec contains a held-out combination, else "train"."""
-    return "heldout" if combination_keys(spec) & HELDOUT_KEYS else "train"
+    return "heldout" if heldout_kinds(spec) else "train"
 
 
 @functools.cache
