@@ -249,7 +249,8 @@ def test_smoke_report_holds_the_keys(smoke):
         assert 0 <= report["vlm"]["caption_accuracy"] <= 1
         assert 0 <= report["vlm"]["caption_accuracy_seen"] <= 1  # new scenes of training compositions
         assert set(report["vlm"]["captions_seen_per_category"]) == set(CATEGORIES)
-        assert "captions, training compositions" in (out / "report.md").read_text()
+        md = (out / "report.md").read_text()
+        assert "captions, training compositions" in md and "Held-out captions by the kind" in md
         assert report["vlm"]["captions_per_heldout_kind"]  # e.g. {"pair": .., "count": .., "none": ..}
         assert (out / "captions.png").is_file()
     if "rl_eval" in done:
