@@ -26,6 +26,7 @@ from selftok.runtime.grid import pil_to_tensor
 from selftok.runtime.io import write_atomic
 from selftok.shapes import (
     PromptParseError,
+    category_means,
     evaluate_folder,
     heldout_kinds,
     heldout_prompts,
@@ -90,11 +91,8 @@ def evaluate_captions(pipe: Pipeline, n: int, batch_size: int = 16, max_new_toke
 
 
 def accuracy_by(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
-    """Share of correct rows per value of `key`."""
-    groups: dict[str, list[bool]] = {}
-    for r in rows:
-        groups.setdefault(r[key], []).append(r["correct"])
-    return {k: sum(v) / len(v) for k, v in groups.items()}
+    """Share of correct rows per value of `key` (`category_means`' per-group means)."""
+    return category_means((r[key], float(r["correct"])) for r in rows)[1]
 
 
 def evaluate_shapes(pipe: Pipeline, policy: SamplingPolicy, out: Path, record: dict[str, Any],
